@@ -1,0 +1,29 @@
+"""Timeouts become absolute deadlines once, at the top of each call."""
+
+from __future__ import annotations
+
+import time
+
+
+def deadline_after(timeout: float | None, name: str = "timeout") -> float | None:
+    """The ``time.monotonic()`` deadline ``timeout`` seconds from now; None for no limit.
+
+    Raises:
+        ValueError: ``timeout`` is negative or not a number.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {timeout!r}")
+    if timeout < 0:
+        raise ValueError(f"{name} must be >= 0, not {timeout}")
+    return time.monotonic() + timeout
+
+
+def check_size(size: int, name: str = "size") -> int:
+    """Validate a size bound: a non-negative int, 0 meaning no bound."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"{name} must be an int, not {size!r}")
+    if size < 0:
+        raise ValueError(f"{name} must be >= 0 (0 means no bound), not {size}")
+    return size

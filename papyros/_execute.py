@@ -1,0 +1,218 @@
+"""The iterator behind ``TaskDispatcher.execute``: lazy, bounded, ordered or not, chunked.
+
+It runs entirely in the consumer's thread: each ``next()`` tops up a window
+of units from the input, then waits for finished units. No background thread
+means an error raised by the input iterable surfaces in ``next()``, where the
+caller can see it, and nothing runs after the consumer stops asking.
+
+Positions: every unit pulled from the input gets the next position (0, 1,
+...). A unit is a chunk of up to ``chunksize`` tasks, or a single outcome
+made here (a ``TypeError`` for an input item that is not a Task).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from papyros.errors import TimeoutError
+from papyros.task import Outcome, Task
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from papyros.dispatcher import TaskQueue
+
+__all__ = ["ResultIterator"]
+
+
+class ResultIterator(Iterator[Any]):
+    """Iterates over the results of ``TaskDispatcher.execute``; see its documentation."""
+
+    def __init__(
+        self,
+        queue: TaskQueue,
+        tasks: Iterator[Any],
+        *,
+        timeout: float | None,
+        ordered: bool,
+        chunksize: int,
+        window: int,
+    ) -> None:
+        self._queue = queue
+        self._input = tasks
+        self._timeout = timeout
+        self._ordered = ordered
+        self._chunksize = chunksize
+        # Units pulled from the input and not yet fully yielded: what the window bounds.
+        self._window = max(1, window)
+        self._refill_at = max(0, self._window // 2)
+        self._outstanding = 0
+        self._exhausted = False
+        self._input_error: Exception | None = None
+        self._next_position = 0
+        # Chunks pulled from the input that the dispatcher has not accepted yet.
+        self._unsent: deque[tuple[int, list[Task]]] = deque()
+        # Position of each unit sent and not yet received, by unit id.
+        self._sent: dict[int, int] = {}
+        # Finished units not yet yielded: by position when ordered, else in finishing order.
+        self._done: dict[int, list[Outcome]] = {}
+        self._done_fifo: deque[list[Outcome]] = deque()
+        self._yield_position = 0
+        # Outcomes of the unit being yielded now, in input order.
+        self._current: deque[Outcome] = deque()
+        self._closed = False
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Any:
+        if self._current:
+            ok, value = self._current.popleft()
+            if ok:
+                return value
+            raise value
+        if self._closed:
+            raise StopIteration
+        try:
+            return self._next()
+        except KeyboardInterrupt:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop: cancel every pending task and release the queue. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._unsent.clear()
+        self._sent.clear()
+        self._done.clear()
+        self._done_fifo.clear()
+        self._current.clear()
+        self._queue.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._queue._close_soon()
+
+    # -- internals
+
+    def _next(self) -> Any:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            if self._outstanding <= self._refill_at:
+                self._fill(deadline)
+            outcomes = self._take_done()
+            if outcomes is not None:
+                self._outstanding -= 1
+                self._current.extend(outcomes)
+                ok, value = self._current.popleft()
+                if ok:
+                    return value
+                raise value
+            if not self._sent:
+                if self._unsent:
+                    self._send(deadline)
+                    continue
+                # Nothing in flight, nothing unsent, nothing done: the input is spent.
+                error, self._input_error = self._input_error, None
+                self.close()
+                if error is not None:
+                    raise error
+                raise StopIteration
+            units = self._queue._receive_units(deadline)
+            if not units:
+                raise TimeoutError(f"no result within {self._timeout} s")
+            for unit_id, unit_outcomes in units:
+                position = self._sent.pop(unit_id)
+                if self._ordered:
+                    self._done[position] = unit_outcomes
+                else:
+                    self._done_fifo.append(unit_outcomes)
+
+    def _take_done(self) -> list[Outcome] | None:
+        if self._ordered:
+            outcomes = self._done.pop(self._yield_position, None)
+            if outcomes is not None:
+                self._yield_position += 1
+            return outcomes
+        return self._done_fifo.popleft() if self._done_fifo else None
+
+    def _fill(self, deadline: float | None) -> None:
+        """Pull units from the input up to the window, then send what can be sent."""
+        while self._outstanding < self._window and not self._exhausted:
+            self._pull()
+        if self._unsent and self._sent:
+            # Work is in flight: never block here, a full dispatcher will drain.
+            self._send(time.monotonic())
+        elif self._unsent:
+            self._send(deadline)
+
+    def _pull(self) -> None:
+        """Pull one chunk of tasks (or one bad item) from the input."""
+        chunk: list[Task] = []
+        size = self._chunksize
+        try:
+            for item in self._input:
+                if isinstance(item, Task):
+                    chunk.append(item)
+                    if len(chunk) >= size:
+                        break
+                else:
+                    if chunk:
+                        self._add_unsent(chunk)
+                        chunk = []
+                    error = TypeError(
+                        f"execute() takes Task objects; got {type(item).__name__} {item!r}"
+                    )
+                    self._add_done([(False, error)])
+                    break
+            else:
+                self._exhausted = True
+        except Exception as exc:
+            # The input itself failed: deliver everything before it, then raise it.
+            self._exhausted = True
+            self._input_error = exc
+        if chunk:
+            self._add_unsent(chunk)
+
+    def _add_unsent(self, chunk: list[Task]) -> None:
+        self._unsent.append((self._next_position, chunk))
+        self._next_position += 1
+        self._outstanding += 1
+
+    def _add_done(self, outcomes: list[Outcome]) -> None:
+        if self._ordered:
+            self._done[self._next_position] = outcomes
+        else:
+            self._done_fifo.append(outcomes)
+        self._next_position += 1
+        self._outstanding += 1
+
+    def _send(self, deadline: float | None) -> None:
+        """Send unsent chunks; accept a partial send, wait only if nothing is in flight."""
+        unsent = self._unsent
+        try:
+            ids = self._queue._send_units([chunk for _, chunk in unsent], deadline)
+        except TimeoutError:
+            if self._sent:
+                return  # The dispatcher is full; it will drain as our work finishes.
+            raise
+        for unit_id in ids:
+            self._sent[unit_id] = unsent.popleft()[0]

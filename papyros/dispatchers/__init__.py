@@ -1,0 +1,1 @@
+"""The built-in dispatcher backends, each imported only when first used."""

@@ -1,0 +1,172 @@
+"""Tasks: a function and the arguments to call it with, run later somewhere else."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeAlias
+
+from papyros.errors import UnprocessedTaskError
+
+__all__ = ["Outcome", "Task"]
+
+#: What running a task produced: ``(True, result)`` or ``(False, exception)``.
+Outcome: TypeAlias = tuple[bool, Any]
+
+# Marks a task that has not been executed (None is a valid result).
+_UNPROCESSED: Outcome = (False, None)
+
+
+class Task:
+    """A unit of work: a callable and the positional and keyword arguments to pass it.
+
+    Subclass it and override :meth:`_execute`, or, more simply, decorate a
+    function with :meth:`Task.subclass`::
+
+        @papyros.Task.subclass()
+        def square(x):
+            return x * x
+
+        task = square(3)        # a Task holding args=(3,)
+        task.execute()          # runs it here and stores the outcome
+        task.result()           # 9
+
+    Class options, set through :meth:`subclass` keywords:
+
+    - ``task_attr`` (default False): an exception raised by the task gets a
+      ``.task`` attribute, a fresh copy of the failed task.
+    - ``traceback_attr`` (default False): an exception raised by the task gets
+      a ``.traceback`` attribute, the traceback where it was raised, as text.
+    - ``time_limit`` (default None): seconds a single run of the task may take
+      on a backend that can enforce it (the process backend kills the worker
+      and the outcome is a :class:`~papyros.TimeoutError`).
+    """
+
+    __slots__ = ("_outcome", "args", "kwargs")
+
+    task_attr: ClassVar[bool] = False
+    traceback_attr: ClassVar[bool] = False
+    time_limit: ClassVar[float | None] = None
+
+    # The class options that Task.subclass() accepts.
+    _OPTIONS: ClassVar[frozenset[str]] = frozenset({"task_attr", "traceback_attr", "time_limit"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self._outcome = _UNPROCESSED
+
+    def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute the task's result; called with the task's own arguments."""
+        raise NotImplementedError(f"{type(self).__name__} must override _execute()")
+
+    def execute(self) -> None:
+        """Run the task here, now, and store its result or exception for :meth:`result`."""
+        self._outcome = self._run()
+
+    def result(self) -> Any:
+        """Return the stored result, or re-raise the stored exception.
+
+        Raises:
+            UnprocessedTaskError: the task has not been executed.
+        """
+        outcome = self._outcome
+        if outcome is _UNPROCESSED:
+            raise UnprocessedTaskError(f"{self!r} has not been executed")
+        ok, value = outcome
+        if ok:
+            return value
+        raise value
+
+    def _run(self) -> Outcome:
+        """Run the task and return its outcome, leaving the task itself untouched."""
+        try:
+            return (True, self._execute(*self.args, **self.kwargs))
+        except Exception as exc:
+            if self.traceback_attr:
+                # Skip this frame: the traceback starts in the task's own code.
+                tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+                exc.traceback = "".join(  # type: ignore[attr-defined]
+                    traceback.format_exception(type(exc), exc, tb)
+                )
+            if self.task_attr:
+                exc.task = type(self)(*self.args, **self.kwargs)  # type: ignore[attr-defined]
+            return (False, exc)
+
+    def __repr__(self) -> str:
+        cls = type(self)
+        parts = [repr(arg) for arg in self.args]
+        parts.extend(f"{key}={value!r}" for key, value in self.kwargs.items())
+        return f"{cls.__module__}.{cls.__qualname__}({', '.join(parts)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = None if self._outcome is _UNPROCESSED else self._outcome
+        if not self.kwargs and state is None:
+            return (type(self), self.args)
+        return (_rebuild_task, (type(self), self.args, self.kwargs, state))
+
+    @classmethod
+    def subclass(cls, **class_options: Any) -> _TaskFactory:
+        """Return a decorator that turns a function into a subclass of this Task class.
+
+        Usable as ``@Task.subclass()`` on a function, or as
+        ``Task.subclass()(func, "Name")`` to make a class called ``Name`` and
+        leave ``func`` as it is. The class takes the function's module and
+        docstring, so a class bound to a module-level name pickles by reference.
+
+        Args:
+            **class_options: class options (see the class docstring).
+
+        Raises:
+            ValueError: an unknown option (at decoration time, not at run time).
+        """
+        unknown = sorted(set(class_options) - cls._OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown Task option(s) {', '.join(map(repr, unknown))}; "
+                f"the options are {', '.join(sorted(cls._OPTIONS))}"
+            )
+        limit = class_options.get("time_limit")
+        if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
+            raise ValueError(f"time_limit must be a positive number of seconds, not {limit!r}")
+        return _TaskFactory(cls, class_options)
+
+
+def _rebuild_task(
+    cls: type[Task], args: tuple[Any, ...], kwargs: dict[str, Any], outcome: Outcome | None
+) -> Task:
+    task = cls(*args, **kwargs)
+    if outcome is not None:
+        task._outcome = outcome
+    return task
+
+
+class _TaskFactory:
+    """The decorator returned by :meth:`Task.subclass`."""
+
+    __slots__ = ("_base", "_options")
+
+    def __init__(self, base: type[Task], options: dict[str, Any]) -> None:
+        self._base = base
+        self._options = options
+
+    def __call__(self, func: Callable[..., Any], name: str | None = None) -> type[Task]:
+        if not callable(func):
+            raise TypeError(f"Task.subclass() decorates a callable, not {func!r}")
+        name = name or getattr(func, "__name__", None) or type(func).__name__
+        qualname = getattr(func, "__qualname__", name)
+        # Keep the function's nesting (e.g. "outer.<locals>.") so that a class
+        # made inside a function is known not to be importable by reference.
+        qualname = qualname.rpartition(".")[0] + "." + name if "." in qualname else name
+        namespace: dict[str, Any] = {
+            "__slots__": (),
+            "__module__": getattr(func, "__module__", None) or "__main__",
+            "__qualname__": qualname,
+            "__doc__": getattr(func, "__doc__", None),
+            # A static method: running a task costs one call, not two.
+            "_execute": staticmethod(func),
+            "function": staticmethod(func),
+            **self._options,
+        }
+        return type(name, (self._base,), namespace)
+

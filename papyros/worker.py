@@ -1,0 +1,76 @@
+"""The worker loop: take units, run their tasks, hand back outcomes, repeat.
+
+One piece of code for thread, process and remote workers; only the
+:class:`WorkSource` (how a worker talks to the scheduling core) and the
+:class:`Codec` (how units and outcomes are represented in transit) differ.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from papyros.scheduler import Assignment
+from papyros.task import Outcome, Task
+
+__all__ = ["Codec", "InProcessCodec", "WorkSource", "run_unit", "work"]
+
+
+class Codec(ABC):
+    """How units of tasks and their outcomes are represented between client and worker."""
+
+    @abstractmethod
+    def encode_unit(self, tasks: list[Task]) -> Any:
+        """Client side: a unit's tasks to its payload. Raises SerializationError."""
+
+    @abstractmethod
+    def decode_unit(self, payload: Any) -> list[Task]:
+        """Worker side: a payload back to tasks."""
+
+    @abstractmethod
+    def encode_outcomes(self, outcomes: list[Outcome]) -> Any:
+        """Worker side: outcomes to their payload; never raises for a bad result."""
+
+    @abstractmethod
+    def decode_outcomes(self, payload: Any) -> list[Outcome]:
+        """Client side: a payload back to outcomes."""
+
+
+class InProcessCodec(Codec):
+    """For workers that share the client's memory: objects travel as they are."""
+
+    def encode_unit(self, tasks: list[Task]) -> Any:
+        return tasks
+
+    def decode_unit(self, payload: Any) -> list[Task]:
+        return payload  # type: ignore[no-any-return]
+
+    def encode_outcomes(self, outcomes: list[Outcome]) -> Any:
+        return outcomes
+
+    def decode_outcomes(self, payload: Any) -> list[Outcome]:
+        return payload  # type: ignore[no-any-return]
+
+
+class WorkSource(ABC):
+    """A worker's connection to the scheduling core."""
+
+    @abstractmethod
+    def take(self) -> list[Assignment]:
+        """Wait for the next units to run; ``[]`` tells the worker to stop."""
+
+    @abstractmethod
+    def finish(self, assignment: Assignment, outcome: Any) -> None:
+        """Hand back the encoded outcome of a unit."""
+
+
+def run_unit(payload: Any, codec: Codec) -> Any:
+    """Run every task of a unit, in order, and return their encoded outcomes."""
+    return codec.encode_outcomes([task._run() for task in codec.decode_unit(payload)])
+
+
+def work(source: WorkSource, codec: Codec) -> None:
+    """Run units from ``source`` until it says stop."""
+    while assignments := source.take():
+        for assignment in assignments:
+            source.finish(assignment, run_unit(assignment.payload, codec))
