@@ -1,0 +1,440 @@
+"""The dispatcher contract (DESIGN section 3), written once, run on every backend."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import papyros
+from tests.conftest import WORKERS, DispatcherFactory
+from tests.tasks import (
+    annotated_failure,
+    fail_if_odd,
+    identity,
+    interrupt,
+    lines,
+    record,
+    sleep_then,
+    square,
+)
+
+COMBINATIONS = [
+    pytest.param(ordered, chunksize, id=f"{'ordered' if ordered else 'unordered'}-chunk{chunksize}")
+    for ordered, chunksize in itertools.product([False, True], [1, 3, 100])
+]
+
+
+# ------------------------------------------------------------ every task, one outcome
+
+
+@pytest.mark.parametrize(("ordered", "chunksize"), COMBINATIONS)
+def test_execute_yields_every_result_once(
+    dispatcher: papyros.TaskDispatcher, ordered: bool, chunksize: int
+) -> None:
+    results = list(
+        dispatcher.execute((square(i) for i in range(500)), ordered=ordered, chunksize=chunksize)
+    )
+    expected = [i * i for i in range(500)]
+    if ordered:
+        assert results == expected
+    else:
+        assert sorted(results) == expected
+
+
+def test_ordered_results_follow_input_order_whatever_the_durations(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    # Early tasks take longer than late ones, so they finish out of order.
+    durations = [0.05, 0.0, 0.03, 0.0, 0.01, 0.0] * 4
+    tasks = (sleep_then(seconds, i) for i, seconds in enumerate(durations))
+    assert list(dispatcher.execute(tasks, ordered=True)) == list(range(len(durations)))
+
+
+def test_unordered_chunk_results_come_whole_and_in_input_order(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    results = list(dispatcher.execute((identity(i) for i in range(100)), chunksize=10))
+    assert sorted(results) == list(range(100))
+    for start in range(0, 100, 10):
+        chunk = results[start : start + 10]
+        assert chunk == list(range(chunk[0], chunk[0] + 10)), results
+
+
+def test_many_clients_each_get_only_their_own_results(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    outcomes: dict[int, list[object]] = {}
+
+    def client(name: int) -> None:
+        with dispatcher.make_queue() as queue:
+            for i in range(200):
+                queue.push(identity((name, i)))
+            outcomes[name] = [queue.pop(timeout=30) for _ in range(200)]
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == list(range(6))
+    for name, results in outcomes.items():
+        assert sorted(results) == [(name, i) for i in range(200)]  # type: ignore[comparison-overlap]
+
+
+def test_concurrent_execute_calls_are_independent(dispatcher: papyros.TaskDispatcher) -> None:
+    first = dispatcher.execute((identity(i) for i in range(300)), ordered=True)
+    second = dispatcher.execute((identity(-i) for i in range(300)), chunksize=7)
+    pairs = list(zip(first, second))
+    assert [a for a, _ in pairs] == list(range(300))
+    assert sorted(b for _, b in pairs) == sorted(-i for i in range(300))
+
+
+# ------------------------------------------------------------ exceptions are values
+
+
+@pytest.mark.parametrize(("ordered", "chunksize"), COMBINATIONS)
+def test_a_failing_task_does_not_break_the_iteration(
+    dispatcher: papyros.TaskDispatcher, ordered: bool, chunksize: int
+) -> None:
+    results = dispatcher.execute(
+        (fail_if_odd(i) for i in range(50)), ordered=ordered, chunksize=chunksize
+    )
+    values, errors = [], []
+    while True:
+        try:
+            values.append(next(results))
+        except ValueError as exc:
+            errors.append(str(exc))
+        except StopIteration:
+            break
+    assert sorted(values) == list(range(0, 50, 2))
+    assert sorted(errors) == sorted(f"odd: {i}" for i in range(1, 50, 2))
+    if ordered:
+        assert values == list(range(0, 50, 2))
+
+
+def test_task_and_traceback_attributes_reach_the_client(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    with pytest.raises(KeyError) as info:
+        next(dispatcher.execute([annotated_failure(7)]))
+    assert repr(info.value.task) == repr(annotated_failure(7))  # type: ignore[attr-defined]
+    assert "annotated_failure" in info.value.traceback  # type: ignore[attr-defined]
+    assert "KeyError: 7" in info.value.traceback  # type: ignore[attr-defined]
+
+
+def test_queue_pop_reraises_the_task_exception(dispatcher: papyros.TaskDispatcher) -> None:
+    with dispatcher.make_queue() as queue:
+        queue.push(fail_if_odd(3))
+        with pytest.raises(ValueError, match="odd: 3"):
+            queue.pop(timeout=30)
+
+
+# ------------------------------------------------------------ the input iterable
+
+
+def test_a_non_task_item_is_a_type_error_in_its_place(dispatcher: papyros.TaskDispatcher) -> None:
+    results = dispatcher.execute([identity(0), "not a task", identity(2)], ordered=True)
+    assert next(results) == 0
+    with pytest.raises(TypeError, match="not a task"):
+        next(results)
+    assert next(results) == 2
+    with pytest.raises(StopIteration):
+        next(results)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_an_error_of_the_input_comes_after_every_result_before_it(
+    dispatcher: papyros.TaskDispatcher, ordered: bool, chunksize: int
+) -> None:
+    def tasks() -> Iterator[papyros.Task]:
+        for i in range(10):
+            yield identity(i)
+        raise RuntimeError("the input broke")
+
+    results = dispatcher.execute(tasks(), ordered=ordered, chunksize=chunksize)
+    got = [next(results) for _ in range(10)]
+    assert sorted(got) == list(range(10))
+    with pytest.raises(RuntimeError, match="the input broke"):
+        next(results)
+    with pytest.raises(StopIteration):
+        next(results)
+    assert dispatcher.num_queues() == 0
+
+
+def test_execute_is_lazy_over_an_infinite_input(dispatcher: papyros.TaskDispatcher) -> None:
+    pulled = itertools.count()
+
+    def endless() -> Iterator[papyros.Task]:
+        for i in itertools.count():
+            next(pulled)
+            yield identity(i)
+
+    results = dispatcher.execute(endless(), chunksize=5)
+    taken = list(itertools.islice(results, 1000))
+    results.close()
+    assert len(taken) == 1000
+    # What was pulled beyond the consumed results is bounded by the window.
+    assert next(pulled) < 1000 + 5 * 1000
+
+
+def test_execute_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> None:
+    with pytest.raises(ValueError, match="chunksize"):
+        dispatcher.execute([], chunksize=0)
+    with pytest.raises(ValueError, match="timeout"):
+        dispatcher.execute([], timeout=-1)
+    with pytest.raises(TypeError):
+        dispatcher.execute(42)  # type: ignore[arg-type]
+    with dispatcher.make_queue() as queue, pytest.raises(TypeError, match="Task"):
+        queue.push(square)  # type: ignore[arg-type]
+    assert dispatcher.num_queues() == 0
+
+
+def test_execute_of_nothing_ends_at_once(dispatcher: papyros.TaskDispatcher) -> None:
+    assert list(dispatcher.execute([])) == []
+    assert dispatcher.num_queues() == 0
+
+
+# ------------------------------------------------------------ timeouts are deadlines
+
+
+def test_a_timed_out_next_loses_nothing(concurrent_dispatcher: papyros.TaskDispatcher) -> None:
+    results = concurrent_dispatcher.execute([sleep_then(1.0, "late")], timeout=0.05)
+    with pytest.raises(papyros.TimeoutError):
+        next(results)
+    with pytest.raises(TimeoutError):  # It is also the builtin TimeoutError.
+        next(results)
+    results._timeout = None  # The next call may wait as long as it takes.
+    assert next(results) == "late"
+
+
+def test_a_timed_out_pop_loses_nothing(concurrent_dispatcher: papyros.TaskDispatcher) -> None:
+    with concurrent_dispatcher.make_queue() as queue:
+        queue.push(sleep_then(0.5, "late"))
+        with pytest.raises(papyros.TimeoutError):
+            queue.pop(timeout=0)
+        with pytest.raises(papyros.TimeoutError):
+            queue.pop(timeout=0.05)
+        assert queue.pop(timeout=30) == "late"
+
+
+# ------------------------------------------------------------ pop_many
+
+
+def test_pop_many_returns_what_has_finished(dispatcher: papyros.TaskDispatcher) -> None:
+    with dispatcher.make_queue() as queue:
+        for i in range(5):
+            queue.push(square(i))
+        got: list[int] = []
+        calls = 0
+        while len(got) < 5:  # Bounded by the per-test timeout if pop_many never returns any.
+            batch = queue.pop_many(timeout=0)
+            got.extend(batch)
+            calls += 1
+            if not batch:
+                got.append(queue.pop(timeout=30))
+        assert sorted(got) == [0, 1, 4, 9, 16]
+        assert queue.pop_many(timeout=0) == []
+
+
+def test_pop_many_with_no_limit_waits_for_every_pushed_task(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    with dispatcher.make_queue() as queue:
+        for i in range(20):
+            queue.push(square(i))
+        assert sorted(queue.pop_many(timeout=None)) == [i * i for i in range(20)]
+        assert queue.pop_many(timeout=None) == []
+
+
+def test_pop_many_never_loses_results_around_an_exception(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    with dispatcher.make_queue() as queue:
+        for i in range(10):
+            queue.push(fail_if_odd(i))
+        values, errors = [], 0
+        while len(values) + errors < 10:
+            try:
+                values.extend(queue.pop_many(timeout=30))
+            except ValueError:
+                errors += 1
+        assert sorted(values) == [0, 2, 4, 6, 8]
+        assert errors == 5
+
+
+# ------------------------------------------------------------ size bounds
+
+
+def test_a_full_dispatcher_blocks_the_pusher(
+    make_concurrent_dispatcher: DispatcherFactory,
+) -> None:
+    dispatcher = make_concurrent_dispatcher(size=2)
+    with dispatcher.make_queue() as queue:
+        # WORKERS tasks keep the workers busy, then 2 fill the dispatcher.
+        for _ in range(WORKERS + 2):
+            queue.push(sleep_then(1.0))
+        with pytest.raises(papyros.TimeoutError):
+            queue.push(sleep_then(0.0), timeout=0.05)
+        assert dispatcher.num_tasks() >= 2
+
+
+@pytest.mark.parametrize(("ordered", "chunksize"), COMBINATIONS)
+def test_bounding_both_dispatcher_and_queue_never_deadlocks(
+    make_dispatcher: DispatcherFactory, ordered: bool, chunksize: int
+) -> None:
+    dispatcher = make_dispatcher(size=1)
+    results = dispatcher.execute(
+        (square(i) for i in range(200)), ordered=ordered, chunksize=chunksize, qsize=1
+    )
+    assert sorted(results) == [i * i for i in range(200)]
+
+
+def test_a_full_queue_holds_back_its_tasks_not_the_workers(
+    make_concurrent_dispatcher: DispatcherFactory,
+) -> None:
+    dispatcher = make_concurrent_dispatcher()
+    slow_consumer = dispatcher.make_queue(size=1)
+    for i in range(5):
+        slow_consumer.push(identity(i))
+    # Another client's work goes through while the first queue is full.
+    assert sorted(dispatcher.execute(square(i) for i in range(50))) == [
+        i * i for i in range(50)
+    ]
+    assert sorted(slow_consumer.pop(timeout=30) for _ in range(5)) == list(range(5))
+    slow_consumer.close()
+
+
+# ------------------------------------------------------------ closing cancels
+
+
+def test_closing_an_execute_iterator_cancels_its_pending_tasks(
+    make_dispatcher: DispatcherFactory, tmp_path: Path
+) -> None:
+    dispatcher = make_dispatcher()
+    ran = tmp_path / "ran"
+    results = dispatcher.execute(record(str(ran), i, 0.01) for i in range(2000))
+    for _ in range(5):
+        next(results)
+    results.close()
+    assert dispatcher.num_queues() == 0
+    assert dispatcher.num_tasks() == 0
+    dispatcher.close()  # Waits for the tasks in flight.
+    assert 5 <= len(lines(ran)) < 500
+
+
+def test_breaking_out_of_execute_frees_the_queue(dispatcher: papyros.TaskDispatcher) -> None:
+    def consume() -> None:
+        for result in dispatcher.execute(sleep_then(0.001, i) for i in range(1000)):
+            if result is not None:
+                break
+
+    consume()
+    gc.collect()
+    assert dispatcher.num_queues() == 0
+    assert dispatcher.num_tasks() == 0
+
+
+def test_ctrl_c_inside_execute_cancels_it(dispatcher: papyros.TaskDispatcher) -> None:
+    tasks = [interrupt(os.getpid()), *(sleep_then(0.01) for _ in range(500))]
+    results = dispatcher.execute(tasks, ordered=True)
+    with pytest.raises(KeyboardInterrupt):
+        list(results)
+    assert dispatcher.num_queues() == 0
+    assert dispatcher.num_tasks() == 0
+
+
+def test_closing_a_queue_cancels_its_pending_tasks(
+    make_concurrent_dispatcher: DispatcherFactory, tmp_path: Path
+) -> None:
+    dispatcher = make_concurrent_dispatcher()
+    ran = tmp_path / "ran"
+    queue = dispatcher.make_queue()
+    for i in range(1000):
+        queue.push(record(str(ran), i, 0.01))
+    queue.close()
+    assert dispatcher.num_tasks() == 0
+    dispatcher.close()
+    assert len(lines(ran)) < 100
+
+
+# ------------------------------------------------------------ lifecycle
+
+
+def test_closed_queue_refuses_use(dispatcher: papyros.TaskDispatcher) -> None:
+    queue = dispatcher.make_queue()
+    queue.close()
+    queue.close()  # Idempotent.
+    for call in (lambda: queue.push(square(1)), queue.pop, queue.pop_many):
+        with pytest.raises(papyros.ClosedTaskQueueError):
+            call()
+    assert dispatcher.num_queues() == 0
+
+
+def test_closed_dispatcher_refuses_use(make_dispatcher: DispatcherFactory) -> None:
+    dispatcher = make_dispatcher()
+    queue = dispatcher.make_queue()
+    with dispatcher:
+        pass
+    assert dispatcher.closed
+    dispatcher.close()  # Idempotent.
+    with pytest.raises(papyros.ClosedTaskDispatcherError):
+        dispatcher.make_queue()
+    with pytest.raises(papyros.ClosedTaskDispatcherError):
+        dispatcher.execute([square(1)])
+    with pytest.raises(papyros.ClosedTaskDispatcherError):
+        queue.push(square(1))
+    with pytest.raises(papyros.ClosedTaskDispatcherError):
+        queue.pop(timeout=1)
+
+
+def test_close_wakes_a_blocked_consumer(make_concurrent_dispatcher: DispatcherFactory) -> None:
+    dispatcher = make_concurrent_dispatcher()
+    queue = dispatcher.make_queue()
+    queue.push(sleep_then(0.3))
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def consumer() -> None:
+        started.set()
+        try:
+            queue.pop()
+            queue.pop()  # Nothing more was pushed: only close() can end this wait.
+        except papyros.PapyrosError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    started.wait()
+    dispatcher.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(errors) == 1
+    assert isinstance(errors[0], papyros.ClosedTaskDispatcherError)
+
+
+def test_num_queues_counts_open_queues(dispatcher: papyros.TaskDispatcher) -> None:
+    queues = [dispatcher.make_queue() for _ in range(3)]
+    assert dispatcher.num_queues() == 3
+    queues.pop().close()
+    assert dispatcher.num_queues() == 2
+    del queues[:]
+    gc.collect()
+    assert dispatcher.num_queues() == 0
+
+
+def test_bad_sizes_are_rejected(make_dispatcher: DispatcherFactory) -> None:
+    with pytest.raises((ValueError, papyros.ConfigurationError)):
+        make_dispatcher(size=-1)
+    dispatcher = make_dispatcher()
+    with pytest.raises(ValueError, match="size"):
+        dispatcher.make_queue(size=-1)
+    with pytest.raises(ValueError, match="size"):
+        dispatcher.execute([], qsize=-2)
