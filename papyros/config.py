@@ -26,7 +26,7 @@ from papyros.errors import ConfigurationError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["DEFAULT_BACKEND", "Config", "load_config"]
 
@@ -118,7 +118,8 @@ def _file_settings(directory: Path) -> tuple[str, dict[str, Any]] | None:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
-            return tomllib.load(file)
+            settings: dict[str, Any] = tomllib.load(file)
+            return settings
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"{path} is not valid TOML: {exc}") from exc
 

@@ -228,8 +228,10 @@ class Scheduler:
             return []
         with self._lock:
             queue = self._live_queue(queue_id)
-            while self.size and self._pending_tasks and (
-                self._pending_tasks + units[0][1] > self.size
+            while (
+                self.size
+                and self._pending_tasks
+                and (self._pending_tasks + units[0][1] > self.size)
             ):
                 if not self._wait(self._room_ready, deadline):
                     raise TimeoutError(
@@ -458,7 +460,7 @@ class Scheduler:
     def _release(self, unit: _Unit) -> None:
         """Take a unit out of the in-flight table and give back its queue's room."""
         del self._inflight[unit.id]
-        held = self._held.get(unit.worker)  # type: ignore[arg-type]
+        held = self._held.get(unit.worker)
         if held is not None:
             held.discard(unit.id)
         unit.worker = None

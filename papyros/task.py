@@ -169,4 +169,3 @@ class _TaskFactory:
             **self._options,
         }
         return type(name, (self._base,), namespace)
-

@@ -10,6 +10,7 @@ process running (after giving them a few seconds to end).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -104,9 +105,7 @@ def _no_leaks() -> Iterator[None]:
     new_children = _children() - children_before
     _, alive = psutil.wait_procs(list(new_children), timeout=max(0.0, deadline - time.monotonic()))
     for process in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass
     assert not leaked_threads, f"the test leaked threads: {leaked_threads}"
     assert not alive, f"the test leaked child processes: {[p.pid for p in alive]}"

@@ -90,7 +90,7 @@ def test_many_clients_each_get_only_their_own_results(
 def test_concurrent_execute_calls_are_independent(dispatcher: papyros.TaskDispatcher) -> None:
     first = dispatcher.execute((identity(i) for i in range(300)), ordered=True)
     second = dispatcher.execute((identity(-i) for i in range(300)), chunksize=7)
-    pairs = list(zip(first, second))
+    pairs = list(zip(first, second, strict=False))
     assert [a for a, _ in pairs] == list(range(300))
     assert sorted(b for _, b in pairs) == sorted(-i for i in range(300))
 
@@ -305,9 +305,7 @@ def test_a_full_queue_holds_back_its_tasks_not_the_workers(
     for i in range(5):
         slow_consumer.push(identity(i))
     # Another client's work goes through while the first queue is full.
-    assert sorted(dispatcher.execute(square(i) for i in range(50))) == [
-        i * i for i in range(50)
-    ]
+    assert sorted(dispatcher.execute(square(i) for i in range(50))) == [i * i for i in range(50)]
     assert sorted(slow_consumer.pop(timeout=30) for _ in range(5)) == list(range(5))
     slow_consumer.close()
 

@@ -1,0 +1,35 @@
+"""The ``start-papyros`` command (also ``python -m papyros``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from papyros.cli import demo
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="start-papyros",
+        description=(
+            "Run tasks in parallel with papyros. The backend and the number of workers "
+            "come from papyros.toml, [tool.papyros] in pyproject.toml, or PAPYROS_* "
+            "environment variables; options given here override them."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process arguments), run the command, return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
