@@ -29,6 +29,8 @@ class _Builtin(NamedTuple):
 _BUILTINS: dict[str, _Builtin] = {
     "dummy": _Builtin("papyros.dispatchers.dummy:DummyTaskDispatcher", ""),
     "thread": _Builtin("papyros.dispatchers.thread:MultiThreadedTaskDispatcher", ""),
+    "process": _Builtin("papyros.dispatchers.process:MultiProcessTaskDispatcher", ""),
+    "pyro": _Builtin("papyros.pyro.dispatcher:PyroTaskDispatcher", "'papyros[pyro]'"),
 }
 
 

@@ -1,0 +1,279 @@
+"""``start-papyros dispatcher | workers | nameserver | status``: the distributed backend."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import multiprocessing.connection
+import signal
+import sys
+import time
+from typing import Any
+
+from papyros.cli._logging import add_logging_options, setup_logging
+from papyros.cli._options import (
+    add_group_options,
+    non_negative_int,
+    port,
+    positive_float,
+    positive_int,
+)
+from papyros.errors import PapyrosError
+
+__all__ = ["add_parsers"]
+
+# A worker that dies sooner than this after its start counts toward a crash loop.
+_QUICK_DEATH = 5.0
+_MAX_RESPAWN_DELAY = 30.0
+
+
+def add_parsers(commands: Any) -> None:
+    parser = commands.add_parser(
+        "dispatcher",
+        help="run the dispatcher of a group, for remote workers and clients",
+        description=(
+            "Run a papyros dispatcher and register it in the Pyro5 name server under "
+            "the group's name. Workers (start-papyros workers) and clients "
+            "(papyros.get_dispatcher('pyro')) of the same group find it there."
+        ),
+    )
+    add_group_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=port, default=0, help="port (default: one the OS picks)")
+    parser.add_argument(
+        "--size", type=non_negative_int, default=0, help="bound on pending tasks (0: none)"
+    )
+    parser.add_argument(
+        "--lease",
+        type=positive_float,
+        default=10.0,
+        help="seconds of silence before a worker is presumed dead (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=positive_int,
+        default=3,
+        help="dispatches of a task before a lost worker is its outcome (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=positive_int,
+        default=256 * 1024 * 1024,
+        help="the largest message accepted, in bytes (%(default)s)",
+    )
+    add_logging_options(parser)
+    parser.set_defaults(run=run_dispatcher)
+
+    parser = commands.add_parser(
+        "workers",
+        help="start worker processes for a group, and keep them running",
+        description=(
+            "Start NUM worker processes that serve the dispatcher of a group, and "
+            "replace any that dies. Workers may start before their dispatcher and "
+            "reconnect by themselves when it restarts. Ctrl-C or SIGTERM stops them all."
+        ),
+    )
+    add_group_options(parser)
+    parser.add_argument(
+        "-n", "--num", type=positive_int, help="how many workers (default: one per CPU)"
+    )
+    parser.add_argument(
+        "--lease", type=positive_float, default=10.0, help="the dispatcher's lease (%(default)s)"
+    )
+    add_logging_options(parser)
+    parser.set_defaults(run=run_workers)
+
+    parser = commands.add_parser(
+        "nameserver",
+        help="run a Pyro5 name server (bound to 127.0.0.1 by default)",
+        description="Run a Pyro5 name server, without broadcast.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument(
+        "--port", type=port, default=9090, help="port (%(default)s; 0: one the OS picks)"
+    )
+    add_logging_options(parser)
+    parser.set_defaults(run=run_nameserver)
+
+    parser = commands.add_parser(
+        "status",
+        help="print a dispatcher's workers, queues and throughput",
+        description="Print the workers, queues, pending and in-flight tasks of a group.",
+    )
+    add_group_options(parser)
+    parser.set_defaults(run=run_status)
+
+
+def _fail(command: str, message: object) -> int:
+    print(f"start-papyros {command}: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM end the command like Ctrl-C does."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_dispatcher(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_file)
+    try:
+        from papyros.pyro.dispatcher import PyroTaskDispatcher
+
+        dispatcher = PyroTaskDispatcher(
+            args.size,
+            group=args.group,
+            host=args.host,
+            port=args.port,
+            ns_host=args.ns_host,
+            ns_port=args.ns_port,
+            secret_file=args.secret_file,
+            lease=args.lease,
+            max_attempts=args.max_attempts,
+            max_message_size=args.max_message_size,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+        )
+    except (PapyrosError, ImportError, ValueError) as exc:
+        return _fail("dispatcher", exc)
+    _stop_on_sigterm()
+    print(f"papyros dispatcher of group {args.group!r} ready at {dispatcher.uri}", flush=True)
+    try:
+        dispatcher.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dispatcher.close()
+    return 0
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_file)
+    from papyros.dispatchers._local import available_cpus
+
+    try:
+        from papyros._auth import load_secret
+        from papyros.pyro.worker import WorkerOptions, worker_main
+
+        load_secret(args.secret_file)  # Fail now, not in every worker.
+    except (PapyrosError, ImportError) as exc:
+        return _fail("workers", exc)
+    options = WorkerOptions(
+        args.group,
+        ns_host=args.ns_host,
+        ns_port=args.ns_port,
+        secret_file=args.secret_file,
+        lease=args.lease,
+        log_level=args.log_level,
+        log_file=args.log_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
+    count = args.num or available_cpus()
+    context = multiprocessing.get_context("spawn")
+    workers: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
+    quick_deaths = 0
+    respawn_at = 0.0
+    print(f"papyros: starting {count} workers for group {args.group!r}", flush=True)
+    _stop_on_sigterm()
+    try:
+        while True:
+            now = time.monotonic()
+            if len(workers) < count and now >= respawn_at:
+                for slot in set(range(count)) - set(workers):
+                    process: multiprocessing.process.BaseProcess = context.Process(
+                        target=worker_main, args=(options,), name=f"papyros-worker-{slot}"
+                    )
+                    process.start()
+                    workers[slot] = (process, time.monotonic())
+            timeout = None if len(workers) == count else max(0.0, respawn_at - now)
+            sentinels = {process.sentinel: slot for slot, (process, _) in workers.items()}
+            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout):
+                slot = sentinels[sentinel]  # type: ignore[index]
+                process, started = workers.pop(slot)
+                process.join()
+                lived = time.monotonic() - started
+                quick_deaths = quick_deaths + 1 if lived < _QUICK_DEATH else 0
+                delay = min(_MAX_RESPAWN_DELAY, 0.5 * 2 ** max(0, quick_deaths - 1))
+                respawn_at = time.monotonic() + (delay if quick_deaths else 0.0)
+                print(
+                    f"papyros: worker {process.pid} exited with code {process.exitcode}; "
+                    f"replacing it{f' in {delay:.1f} s' if quick_deaths else ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_processes([process for process, _ in workers.values()])
+    return 0
+
+
+def _stop_processes(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + 5.0
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def run_nameserver(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_file)
+    try:
+        import Pyro5.nameserver
+    except ImportError:
+        return _fail("nameserver", "needs Pyro5: pip install 'papyros[pyro]'")
+    try:
+        uri, daemon, _ = Pyro5.nameserver.start_ns(args.host, args.port, enableBroadcast=False)
+    except OSError as exc:
+        return _fail("nameserver", f"cannot listen on {args.host}:{args.port}: {exc}")
+    _stop_on_sigterm()
+    print(f"papyros: Pyro5 name server ready at {uri}", flush=True)
+    try:
+        daemon.requestLoop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        daemon.close()
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        from papyros.pyro.dispatcher import PyroTaskDispatcher
+
+        with PyroTaskDispatcher.get_proxy(
+            args.group,
+            ns_host=args.ns_host,
+            ns_port=args.ns_port,
+            secret_file=args.secret_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+        ) as dispatcher:
+            stats = dispatcher.get_stats()
+    except (PapyrosError, ImportError) as exc:
+        return _fail("status", exc)
+    print(f"dispatcher of group {args.group!r} at {dispatcher.uri}, up {stats['uptime']:.0f} s")
+    print(
+        f"queues: {stats['queues']}  pending tasks: {stats['pending_tasks']}  "
+        f"units in flight: {stats['inflight_units']}  tasks done: {stats['tasks_done']}  "
+        f"({stats['tasks_per_second']:.1f} tasks/s)"
+    )
+    print(f"workers: {len(stats['workers'])}")
+    for worker in stats["workers"]:
+        state = "busy" if worker["busy"] else "idle"
+        print(
+            f"  {worker['host']:<20} pid {worker['pid']:<8} {state:<5} "
+            f"tasks done {worker['tasks_done']}"
+        )
+    return 0

@@ -1,0 +1,245 @@
+"""What the dispatcher, its workers and its clients share: names, limits, connections."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+try:
+    import Pyro5.api
+    import Pyro5.core
+    import Pyro5.errors
+    from Pyro5 import config as pyro_config
+except ImportError as exc:  # pragma: no cover - exercised only without Pyro5
+    raise ImportError("the distributed backend needs Pyro5: pip install 'papyros[pyro]'") from exc
+
+from papyros import _auth
+from papyros.errors import AuthenticationError, CommunicationError
+
+__all__ = [
+    "LONG_POLL",
+    "Peer",
+    "configure_pyro",
+    "dispatcher_name",
+    "locate_dispatcher",
+    "locate_ns",
+]
+
+log = logging.getLogger("papyros.pyro")
+
+# The longest a single long-poll call waits in the dispatcher. Longer waits
+# are made of several calls, so a dead dispatcher is noticed within this time.
+LONG_POLL = 5.0
+
+# Slack on top of a call's own wait before its socket times out.
+CALL_SLACK = 30.0
+
+# The serializer of every papyros call: marshal carries bytes natively, and
+# can represent nothing but plain data, so nothing on the wire is ever code.
+SERIALIZER = "marshal"
+
+# The default cap on one message, in bytes.
+MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+
+
+def dispatcher_name(group: str) -> str:
+    """The name server entry of the dispatcher of ``group``."""
+    return f"papyros.dispatcher.{group or 'default'}"
+
+
+def configure_pyro(
+    *,
+    max_message_size: int = MAX_MESSAGE_SIZE,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_ca: str = "",
+    server: bool = False,
+) -> None:
+    """Apply papyros's Pyro5 settings to this process (Pyro5's configuration is global)."""
+    pyro_config.SERIALIZER = SERIALIZER
+    pyro_config.MAX_MESSAGE_SIZE = max_message_size
+    pyro_config.SOCK_NODELAY = True
+    if server:
+        pyro_config.THREADPOOL_SIZE = 1000
+        pyro_config.THREADPOOL_SIZE_MIN = 8
+    if tls_cert or tls_ca:
+        pyro_config.SSL = True
+        pyro_config.SSL_CACERTS = tls_ca
+        if server:
+            pyro_config.SSL_SERVERCERT = tls_cert
+            pyro_config.SSL_SERVERKEY = tls_key
+            pyro_config.SSL_REQUIRECLIENTCERT = bool(tls_ca)
+        else:
+            pyro_config.SSL_CLIENTCERT = tls_cert
+            pyro_config.SSL_CLIENTKEY = tls_key
+
+
+def locate_ns(ns_host: str = "", ns_port: int = 0) -> Any:
+    """A proxy of the name server: at ``ns_host:ns_port``, else where Pyro5's settings say.
+
+    Never broadcasts: papyros sends packets only to the hosts it is told.
+    """
+    proxy = Pyro5.api.locate_ns(
+        host=ns_host or pyro_config.NS_HOST, port=ns_port or pyro_config.NS_PORT, broadcast=False
+    )
+    proxy._pyroTimeout = 10.0
+    return proxy
+
+
+def locate_dispatcher(group: str, ns_host: str = "", ns_port: int = 0) -> str:
+    """Find the URI of the dispatcher of ``group`` through the name server.
+
+    Raises:
+        CommunicationError: the name server is unreachable, or no dispatcher
+            of that group is registered.
+    """
+    where = f"{ns_host or pyro_config.NS_HOST}:{ns_port or pyro_config.NS_PORT}"
+    try:
+        with locate_ns(ns_host, ns_port) as ns:
+            return str(ns.lookup(dispatcher_name(group)))
+    except Pyro5.errors.NamingError as exc:
+        if "unknown name" in str(exc):
+            raise CommunicationError(
+                f"no dispatcher of group {group!r} is registered in the name server at "
+                f"{where}; start one with: start-papyros dispatcher --group {group}"
+            ) from exc
+        raise CommunicationError(
+            f"cannot reach the Pyro5 name server at {where}: {exc}; start one with "
+            "'start-papyros nameserver', or point to it with --ns-host/--ns-port or "
+            "PYRO_NS_HOST/PYRO_NS_PORT"
+        ) from exc
+    except (Pyro5.errors.CommunicationError, OSError) as exc:
+        raise CommunicationError(f"cannot reach the Pyro5 name server at {where}: {exc}") from exc
+
+
+class _AuthenticatingProxy(Pyro5.api.Proxy):  # type: ignore[misc]
+    """A Pyro5 proxy that verifies the dispatcher in the connection handshake."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Pyro5 proxies forward unknown attributes to the remote object; ours stay here.
+        if name.startswith("_papyros"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __init__(self, uri: str, secret: bytes) -> None:
+        super().__init__(uri)
+        self._papyros_secret = secret
+        self._papyros_nonce = _auth.new_nonce()
+        self._papyros_dispatcher_nonce = b""
+        self._pyroHandshake = {"nonce": self._papyros_nonce}
+        self._pyroSerializer = SERIALIZER
+
+    def _pyroValidateHandshake(self, response: Any) -> None:
+        if not isinstance(response, dict) or not isinstance(response.get("nonce"), bytes):
+            raise AuthenticationError("the dispatcher sent no proof of the shared secret")
+        nonce = response["nonce"]
+        try:
+            _auth.verify(
+                self._papyros_secret,
+                _auth.DISPATCHER,
+                response.get("proof"),
+                self._papyros_nonce,
+                nonce,
+            )
+        except AuthenticationError:
+            raise AuthenticationError(
+                "the dispatcher could not prove that it knows the shared secret: "
+                "refusing to trust it (is its secret the same as ours?)"
+            ) from None
+        self._papyros_dispatcher_nonce = nonce
+
+
+class Peer:
+    """One authenticated connection to a dispatcher, owned by one thread at a time.
+
+    Both sides prove the secret: the dispatcher in the connection handshake
+    (verified before anything it sends is used), this peer in its first call.
+    Pyro5 errors are translated into papyros errors here.
+    """
+
+    def __init__(self, uri: str, secret: bytes, role: str, session: str = "") -> None:
+        self.uri = uri
+        self._secret = secret
+        self._role = role
+        self._session = session
+        self._proxy: _AuthenticatingProxy | None = None
+        self.incarnation = ""
+
+    def connect(self) -> None:
+        """Connect and authenticate both ways.
+
+        Raises:
+            AuthenticationError: either side failed to prove the secret.
+            CommunicationError: the dispatcher is unreachable.
+        """
+        self.close()
+        proxy = _AuthenticatingProxy(self.uri, self._secret)
+        proxy._pyroTimeout = CALL_SLACK
+        try:
+            proxy._pyroBind()
+            proof = _auth.prove(
+                self._secret, _auth.PEER, proxy._papyros_dispatcher_nonce, proxy._papyros_nonce
+            )
+            self.incarnation = str(proxy.authenticate(proof, self._role, self._session))
+        except AuthenticationError:
+            proxy._pyroRelease()
+            raise
+        except PermissionError as exc:
+            proxy._pyroRelease()
+            raise AuthenticationError(f"the dispatcher refused us: {exc}") from exc
+        except Pyro5.errors.CommunicationError as exc:
+            proxy._pyroRelease()
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, AuthenticationError):
+                raise cause from exc
+            if "shared secret" in str(exc):
+                raise AuthenticationError(str(exc)) from exc
+            raise CommunicationError(f"cannot reach the dispatcher at {self.uri}: {exc}") from exc
+        except OSError as exc:
+            proxy._pyroRelease()
+            raise CommunicationError(f"cannot reach the dispatcher at {self.uri}: {exc}") from exc
+        self._proxy = proxy
+
+    def call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
+        """Call a method of the dispatcher, connecting first if needed.
+
+        Raises:
+            CommunicationError: the connection failed or dropped.
+        """
+        if self._proxy is None:
+            self.connect()
+        proxy = self._proxy
+        assert proxy is not None
+        proxy._pyroTimeout = wait + CALL_SLACK
+        try:
+            return getattr(proxy, method)(*args)
+        except PermissionError as exc:
+            raise AuthenticationError(f"the dispatcher refused us: {exc}") from exc
+        except Pyro5.errors.CommunicationError as exc:
+            self.close()
+            raise CommunicationError(
+                f"lost the connection to the dispatcher at {self.uri}: {exc}"
+            ) from exc
+        except OSError as exc:
+            self.close()
+            raise CommunicationError(
+                f"lost the connection to the dispatcher at {self.uri}: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        if self._proxy is not None:
+            proxy, self._proxy = self._proxy, None
+            try:
+                proxy._pyroRelease()
+            except Exception:  # The connection is going anyway.
+                log.debug("error releasing a proxy", exc_info=True)
+
+    def transfer_to_current_thread(self) -> None:
+        if self._proxy is not None:
+            self._proxy._pyroClaimOwnership()
+
+
+def this_host() -> str:
+    return socket.gethostname()

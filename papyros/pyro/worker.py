@@ -1,0 +1,179 @@
+"""A remote worker: finds its group's dispatcher, runs units from it, survives its restarts.
+
+::
+
+    worker process                                         dispatcher
+    ──────────────                                         ──────────
+    main thread: papyros.worker.work(RemoteSource)
+      take():   exchange(finished outcomes, want=N) ─────▶  complete, then assign
+                 ◀──────── the next units (long-poll) ────
+      run the unit's tasks, encode their outcomes
+    heartbeat thread: heartbeat() every lease/3 ─────────▶  keeps the lease while a task runs
+
+The connection is authenticated both ways before anything the dispatcher
+sends is unpickled. A worker that cannot reach its dispatcher, or whose
+dispatcher restarts, retries with backoff and registers again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from papyros._auth import load_secret
+from papyros.errors import AuthenticationError, PapyrosError
+from papyros.pyro._common import LONG_POLL, Peer, configure_pyro, locate_dispatcher, log, this_host
+from papyros.pyro.server import DEFAULT_LEASE
+from papyros.scheduler import Assignment
+from papyros.serialization import PickleCodec
+from papyros.worker import WorkSource, work
+
+__all__ = ["WorkerOptions", "run_worker", "worker_main"]
+
+# Units a worker asks for at once: the one it runs, and more to hide latency.
+_PREFETCH = 4
+
+# Finished outcomes go back at once when a batch has run for this long.
+_FLUSH_AFTER = 0.02
+
+# Backoff between connection attempts, in seconds.
+_FIRST_BACKOFF = 0.2
+_MAX_BACKOFF = 10.0
+
+
+class WorkerOptions:
+    """How a worker finds and joins its dispatcher (picklable, for worker processes)."""
+
+    def __init__(
+        self,
+        group: str = "default",
+        *,
+        uri: str = "",
+        ns_host: str = "",
+        ns_port: int = 0,
+        secret_file: str | None = None,
+        lease: float = DEFAULT_LEASE,
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_ca: str = "",
+        log_level: str = "",
+        log_file: str = "",
+    ) -> None:
+        self.group = group
+        self.uri = uri
+        self.ns_host = ns_host
+        self.ns_port = ns_port
+        self.secret_file = secret_file
+        self.lease = lease
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.tls_ca = tls_ca
+        self.log_level = log_level
+        self.log_file = log_file
+
+
+class _RemoteSource(WorkSource):
+    """Takes units from the dispatcher; hands outcomes back with the next request."""
+
+    def __init__(self, peer: Peer, worker_id: str, stop: threading.Event) -> None:
+        self._peer = peer
+        self._worker_id = worker_id
+        self._stop = stop
+        self._results: list[list[Any]] = []
+        self._batch_started = 0.0
+
+    def take(self) -> list[Assignment]:
+        while not self._stop.is_set():
+            reply = self._exchange(_PREFETCH, LONG_POLL)
+            if reply:
+                self._batch_started = time.monotonic()
+                return [
+                    Assignment(unit_id, attempt, payload, ntasks)
+                    for unit_id, attempt, payload, ntasks in reply
+                ]
+        self._exchange(0, 0.0)  # Hand back what is finished before stopping.
+        return []
+
+    def finish(self, assignment: Assignment, outcome: Any) -> None:
+        self._results.append([assignment.unit_id, assignment.attempt, outcome, assignment.ntasks])
+        if time.monotonic() - self._batch_started > _FLUSH_AFTER:
+            self._exchange(0, 0.0)
+            self._batch_started = time.monotonic()
+
+    def _exchange(self, want: int, wait: float) -> list[Any]:
+        results, self._results = self._results, []
+        reply: list[Any] = self._peer.call(
+            "exchange", self._worker_id, results, want, wait, wait=wait
+        )
+        return reply
+
+
+def _heartbeat(peer: Peer, worker_id: str, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            peer.call("heartbeat", worker_id)
+        except (PapyrosError, LookupError, RuntimeError):
+            return  # The main loop finds out and reconnects.
+    peer.close()
+
+
+def run_worker(options: WorkerOptions, stop: threading.Event) -> None:
+    """Serve the group's dispatcher until ``stop`` is set, reconnecting whenever needed."""
+    configure_pyro(tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca)
+    secret = load_secret(options.secret_file)
+    codec = PickleCodec()
+    backoff = _FIRST_BACKOFF
+    while not stop.is_set():
+        peer: Peer | None = None
+        beat_stop = threading.Event()
+        beat: threading.Thread | None = None
+        try:
+            uri = options.uri or locate_dispatcher(options.group, options.ns_host, options.ns_port)
+            peer = Peer(uri, secret, "worker")
+            peer.connect()
+            worker_id = str(peer.call("register_worker", this_host(), os.getpid()))
+            log.info("worker %s joined the dispatcher at %s", worker_id, uri)
+            backoff = _FIRST_BACKOFF
+            beat_peer = Peer(uri, secret, "worker")
+            beat = threading.Thread(
+                target=_heartbeat,
+                args=(beat_peer, worker_id, options.lease / 3, beat_stop),
+                name="papyros-heartbeat",
+                daemon=True,
+            )
+            beat.start()
+            work(_RemoteSource(peer, worker_id, stop), codec)
+        except AuthenticationError as exc:
+            log.error("worker refused: %s; retrying in %.1f s", exc, backoff)
+        except (PapyrosError, LookupError, RuntimeError) as exc:
+            if not stop.is_set():
+                log.warning("worker lost its dispatcher: %s; retrying in %.1f s", exc, backoff)
+        except Exception:
+            log.exception("worker failed unexpectedly; retrying in %.1f s", backoff)
+        finally:
+            beat_stop.set()
+            if beat is not None:
+                beat.join(LONG_POLL + 1)
+            if peer is not None:
+                peer.close()
+        if stop.wait(backoff):
+            break
+        backoff = min(backoff * 2, _MAX_BACKOFF)
+
+
+def worker_main(options: WorkerOptions) -> None:
+    """The entry point of a worker process started by ``start-papyros workers``."""
+    from papyros.cli._logging import setup_logging
+
+    setup_logging(options.log_level, options.log_file)
+    # Ctrl-C goes to the whole process group: the manager decides, workers ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_now)
+    run_worker(options, threading.Event())
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
