@@ -11,6 +11,8 @@ The hierarchy::
      ├── SerializationError           a task or argument cannot be pickled
      ├── RemoteTaskError              a task's exception that could not travel back
      ├── AuthenticationError          a peer failed to prove the shared secret
+     ├── CommunicationError           a dispatcher or name server is unreachable
+                                      (also a ConnectionError)
      ├── ConfigurationError           a bad setting (also a ValueError)
      └── UnknownBackendError          no backend of that name (also a LookupError)
           └── BackendUnavailableError a backend whose optional dependency is missing
@@ -29,6 +31,7 @@ __all__ = [
     "BackendUnavailableError",
     "ClosedTaskDispatcherError",
     "ClosedTaskQueueError",
+    "CommunicationError",
     "ConfigurationError",
     "PapyrosError",
     "RemoteTaskError",
@@ -44,7 +47,7 @@ class PapyrosError(Exception):
     """The root of every error papyros raises about itself."""
 
 
-class TimeoutError(PapyrosError, builtins.TimeoutError):  # noqa: A001
+class TimeoutError(PapyrosError, builtins.TimeoutError):
     """A deadline passed before the operation could complete.
 
     Nothing is lost: a result that was not ready is still there for the next call.
@@ -123,6 +126,13 @@ class RemoteTaskError(PapyrosError):
 
 class AuthenticationError(PapyrosError):
     """A peer could not prove that it knows the shared secret."""
+
+
+class CommunicationError(PapyrosError, ConnectionError):
+    """A remote dispatcher or name server cannot be reached, or the connection dropped.
+
+    The message names the address and, where there is one, the remedy.
+    """
 
 
 class ConfigurationError(PapyrosError, ValueError):
