@@ -41,6 +41,7 @@ from papyros.task import Task
 
 if TYPE_CHECKING:
     from papyros.dispatchers.dummy import DummyTaskDispatcher
+    from papyros.dispatchers.process import MultiProcessTaskDispatcher
     from papyros.dispatchers.thread import MultiThreadedTaskDispatcher
 
 __version__ = "0.3.0.dev0"
@@ -53,6 +54,7 @@ __all__ = [
     "Config",
     "ConfigurationError",
     "DummyTaskDispatcher",
+    "MultiProcessTaskDispatcher",
     "MultiThreadedTaskDispatcher",
     "PapyrosError",
     "RemoteTaskError",
@@ -72,6 +74,7 @@ __all__ = [
 _LAZY_BACKENDS = {
     "DummyTaskDispatcher": "dummy",
     "MultiThreadedTaskDispatcher": "thread",
+    "MultiProcessTaskDispatcher": "process",
 }
 
 

@@ -21,7 +21,7 @@ import pytest
 import papyros
 
 # Backends whose workers run concurrently with the client.
-CONCURRENT_BACKENDS = ["thread"]
+CONCURRENT_BACKENDS = ["thread", "process"]
 # Every backend. "dummy" runs tasks inline, in the consumer's own thread.
 BACKENDS = ["dummy", *CONCURRENT_BACKENDS]
 
@@ -88,6 +88,18 @@ def _children() -> set[psutil.Process]:
         return set(psutil.Process().children(recursive=True))
     except psutil.Error:
         return set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _resource_tracker() -> None:
+    """Start multiprocessing's resource tracker once, before any test counts child processes.
+
+    Like the forkserver, it is a per-interpreter helper that lives as long as
+    the test run; the ``spawn`` start method starts it with the first worker.
+    """
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
 
 
 @pytest.fixture(autouse=True)

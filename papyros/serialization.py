@@ -1,0 +1,297 @@
+"""The pickle codec: how units of tasks and their outcomes cross a process boundary.
+
+A unit is pickled once in the client and unpickled once in the worker; its
+outcomes are pickled once in the worker and unpickled once in the client.
+Everything in between (the scheduling core, the pipes) moves opaque bytes.
+
+Encoding rules, fastest first:
+
+- A unit whose tasks are all of one class travels as the class once plus the
+  list of argument tuples, not as one pickled object per task: a chunk of
+  1,000 small tasks costs little more than a list of 1,000 tuples.
+- Plain :mod:`pickle` (highest protocol) is used where it works.
+  :mod:`cloudpickle`, which pickles *by value*, takes over where it does not:
+  lambdas and closures as arguments, task classes defined inside functions,
+  and anything defined in ``__main__`` (which a worker process cannot import
+  by name). A class pickled by value is pickled once per client and rebuilt
+  once per worker, not once per unit.
+- A task or argument that cannot be pickled at all is a
+  :class:`~papyros.SerializationError` in the client, at ``push``, naming the
+  offending object.
+- In the worker, a result that cannot be pickled, or an exception that cannot
+  be pickled or rebuilt, becomes a :class:`~papyros.RemoteTaskError` carrying
+  the type name, message and traceback text; the worker itself lives on.
+  Every exception that travels back carries its remote traceback as text,
+  chained as ``__cause__`` for display (as :mod:`concurrent.futures` does).
+"""
+
+from __future__ import annotations
+
+import pickle
+import reprlib
+import traceback
+from typing import Any
+
+from papyros.errors import RemoteTaskError, SerializationError
+from papyros.task import Outcome, Task
+from papyros.worker import Codec
+
+__all__ = ["PickleCodec"]
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# Where plain pickle would refer to ``__main__``, which workers cannot import by name.
+_MAIN_MARKER = b"__main__"
+
+# Outcome payloads start with the unit's task count, so that a unit whose
+# outcomes cannot be unpickled in the client still yields one error per task.
+_COUNT_BYTES = 4
+
+_short = reprlib.Repr()
+_short.maxstring = 80
+_short.maxother = 80
+
+
+def _cloudpickle() -> Any:
+    import cloudpickle  # Imported on first need: most runs never need it.
+
+    return cloudpickle
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, as text, for display."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _Failure:
+    """An exception on its way back from a worker, with what to say if it cannot be rebuilt."""
+
+    __slots__ = ("message", "pickled", "traceback", "type_name")
+
+    def __init__(self, pickled: bytes | None, type_name: str, message: str, traceback: str) -> None:
+        self.pickled = pickled
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Failure, (self.pickled, self.type_name, self.message, self.traceback))
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Failure:
+        """Wrap an exception a task raised (in the worker)."""
+        type_name = _type_name(type(exc))
+        tb = exc.__traceback__
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next  # Skip Task._run: the traceback starts in the task's own code.
+        text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
+        try:
+            pickled = _dumps(exc)
+            pickle.loads(pickled)  # Can it be rebuilt? Exceptions are rare: check it here.
+        except Exception as error:
+            pickled = None
+            text += f"\n(the exception could not travel back to the client: {error})"
+        return cls(pickled, type_name, _safe_str(exc), text)
+
+    def rebuild(self) -> BaseException:
+        """The original exception if it can be rebuilt here, else a RemoteTaskError."""
+        exc: BaseException | None = None
+        if self.pickled is not None:
+            try:
+                exc = pickle.loads(self.pickled)
+            except Exception:
+                exc = None
+            if not isinstance(exc, BaseException):
+                exc = None
+        if exc is None:
+            exc = RemoteTaskError(self.type_name, self.message, self.traceback)
+        if self.traceback and exc.__cause__ is None:
+            exc.__cause__ = _RemoteTraceback(f'\n"""\n{self.traceback}"""')
+        return exc
+
+
+def _type_name(cls: type) -> str:
+    module = getattr(cls, "__module__", "")
+    qualname = getattr(cls, "__qualname__", cls.__name__)
+    return qualname if module in ("builtins", "", None) else f"{module}.{qualname}"
+
+
+def _safe_str(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _dumps(value: object) -> bytes:
+    """Plain pickle where it works, cloudpickle (by value) where it does not."""
+    try:
+        data = pickle.dumps(value, _PROTOCOL)
+    except Exception:
+        data = b""
+    if not data or _MAIN_MARKER in data:
+        data = _cloudpickle().dumps(value, _PROTOCOL)
+    return data
+
+
+class PickleCodec(Codec):
+    """Pickles each unit once in the client and its outcomes once in the worker."""
+
+    def __init__(self) -> None:
+        # Client side: how each task class travels (itself, or its by-value pickle).
+        self._class_refs: dict[type, type | bytes] = {}
+        # Worker side: classes rebuilt from their by-value pickle, by that pickle.
+        self._classes: dict[bytes, type] = {}
+
+    # ---------------------------------------------------------------- client side
+
+    def encode_unit(self, tasks: list[Task]) -> bytes:
+        first = type(tasks[0])
+        if len(tasks) == 1 or all(type(task) is first for task in tasks):
+            ref = self._class_refs.get(first)
+            if ref is None:
+                ref = self._class_ref(first, tasks[0])
+            args = [task.args for task in tasks]
+            if any(task.kwargs for task in tasks):
+                body: tuple[Any, ...] = (ref, args, [task.kwargs for task in tasks])
+            else:
+                body = (ref, args)
+        else:
+            body = (None, tasks)
+        try:
+            data = pickle.dumps(body, _PROTOCOL)
+        except Exception:
+            data = b""
+        if not data or _MAIN_MARKER in data:
+            try:
+                data = _cloudpickle().dumps(body, _PROTOCOL)
+            except Exception as exc:
+                raise SerializationError(_culprit(tasks, exc)) from exc
+        return data
+
+    def _class_ref(self, cls: type[Task], example: Task) -> type | bytes:
+        """A class itself if workers can import it by name, else its by-value pickle."""
+        ref: type | bytes = cls
+        if cls.__module__ == "__main__":
+            ref = b""
+        else:
+            try:
+                pickle.dumps(cls, _PROTOCOL)
+            except Exception:
+                ref = b""
+        if ref == b"":
+            try:
+                ref = _cloudpickle().dumps(cls, _PROTOCOL)
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot serialize the task class of {_short.repr(example)}: {exc}"
+                ) from exc
+        self._class_refs[cls] = ref
+        return ref
+
+    def decode_outcomes(self, payload: bytes) -> list[Outcome]:
+        count = int.from_bytes(payload[:_COUNT_BYTES], "little")
+        try:
+            outcomes: list[Outcome] = pickle.loads(memoryview(payload)[_COUNT_BYTES:])
+        except Exception as exc:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            return [
+                (
+                    False,
+                    RemoteTaskError(
+                        type(exc).__name__,
+                        f"the outcome of this task could not be unpickled in the client: {exc}",
+                        text,
+                    ),
+                )
+                for _ in range(count)
+            ]
+        for index, (ok, value) in enumerate(outcomes):
+            if not ok and isinstance(value, _Failure):
+                outcomes[index] = (False, value.rebuild())
+        return outcomes
+
+    # ---------------------------------------------------------------- worker side
+
+    def decode_unit(self, payload: bytes) -> list[Task]:
+        return self.decode_tasks(payload)[1]
+
+    def decode_tasks(self, payload: bytes) -> tuple[type[Task] | None, list[Task]]:
+        """A unit's tasks, and their class if they all have the same one (else None)."""
+        body = pickle.loads(payload)
+        ref = body[0]
+        if ref is None:
+            return None, body[1]
+        if isinstance(ref, bytes):
+            cls = self._classes.get(ref)
+            if cls is None:
+                cls = self._classes[ref] = pickle.loads(ref)
+        else:
+            cls = ref
+        if len(body) == 2:
+            return cls, [cls(*args) for args in body[1]]
+        return cls, [cls(*args, **kwargs) for args, kwargs in zip(body[1], body[2], strict=True)]
+
+    def encode_outcomes(self, outcomes: list[Outcome]) -> bytes:
+        prepared = outcomes
+        if not all(ok for ok, _ in outcomes):
+            prepared = [
+                outcome if outcome[0] else (False, _Failure.of(outcome[1])) for outcome in outcomes
+            ]
+        count = len(outcomes).to_bytes(_COUNT_BYTES, "little")
+        try:
+            data = pickle.dumps(prepared, _PROTOCOL)
+        except Exception:
+            data = b""
+        if not data or _MAIN_MARKER in data:
+            try:
+                data = _cloudpickle().dumps(prepared, _PROTOCOL)
+            except Exception:
+                data = _cloudpickle().dumps([_travel(outcome) for outcome in prepared], _PROTOCOL)
+        return count + data
+
+
+def _travel(outcome: Outcome) -> Outcome:
+    """An outcome that can be pickled: itself, or a RemoteTaskError saying why not."""
+    ok, value = outcome
+    try:
+        _dumps(value)
+        return outcome
+    except Exception as exc:
+        what = "result" if ok else "exception"
+        failure = _Failure(
+            None,
+            _type_name(type(value)),
+            f"the task's {what} could not be pickled to travel back to the client: {exc}",
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        )
+        return (False, failure)
+
+
+def _culprit(tasks: list[Task], error: Exception) -> str:
+    """Say which task, class or argument of a unit cannot be pickled."""
+    dumps = _cloudpickle().dumps
+    for task in tasks:
+        items: list[tuple[str, object]] = [
+            (f"argument {index}", value) for index, value in enumerate(task.args)
+        ]
+        items.extend((f"argument {key}=", value) for key, value in task.kwargs.items())
+        for where, value in items:
+            try:
+                dumps(value, _PROTOCOL)
+            except Exception as exc:
+                return (
+                    f"cannot serialize {where} of {_short.repr(task)}: {_short.repr(value)} "
+                    f"({exc}); a task's arguments must be picklable to reach a worker process"
+                )
+        try:
+            dumps(task, _PROTOCOL)
+        except Exception as exc:
+            return f"cannot serialize the task {_short.repr(task)}: {exc}"
+    return f"cannot serialize a unit of {len(tasks)} task(s): {error}"
