@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import socket
 from typing import Any
@@ -208,7 +209,8 @@ class Peer:
         Raises:
             CommunicationError: the connection failed or dropped.
         """
-        if self._proxy is None:
+        if self._proxy is None or self._proxy._pyroConnection is None:
+            # Never let Pyro5 reconnect by itself: a new connection must authenticate.
             self.connect()
         proxy = self._proxy
         assert proxy is not None
@@ -217,6 +219,23 @@ class Peer:
             return getattr(proxy, method)(*args)
         except PermissionError as exc:
             raise AuthenticationError(f"the dispatcher refused us: {exc}") from exc
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # Interrupted mid-call (Ctrl-C): the connection is out of step; drop it.
+                self.close()
+                raise
+            return self._translate(exc)
+
+    def _translate(self, exc: Exception) -> Any:
+        try:
+            raise exc
+        except builtins.TimeoutError:
+            if isinstance(exc, Pyro5.errors.CommunicationError):
+                self.close()
+                raise CommunicationError(
+                    f"the dispatcher at {self.uri} did not answer in time: {exc}"
+                ) from exc
+            raise  # The dispatcher's own "still full": the caller decides.
         except Pyro5.errors.CommunicationError as exc:
             self.close()
             raise CommunicationError(

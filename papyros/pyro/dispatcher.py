@@ -259,9 +259,19 @@ class PyroDispatcherProxy(TaskDispatcher):
         with self._lock:
             links = list(self._links)
             peers = list(self._peers)
+        queue_ids: dict[str, list[int]] = {}
         for link in links:
-            link.close()
-        self._flush_doomed()
+            if not link._closed:
+                link._closed = True
+                queue_ids.setdefault(link._incarnation, []).append(link._queue_id)
+        while self._doomed:
+            incarnation, queue_id = self._doomed.popleft()
+            queue_ids.setdefault(incarnation, []).append(queue_id)
+        for incarnation, ids in queue_ids.items():
+            try:
+                self._peer().call("close_queues", incarnation, ids)
+            except PapyrosError:
+                log.debug("could not close queues at shutdown", exc_info=True)
         for peer in peers:
             peer.transfer_to_current_thread()
             peer.close()
@@ -279,12 +289,17 @@ class PyroDispatcherProxy(TaskDispatcher):
         return peer
 
     def _call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
+        self._check_open()
         if self._doomed:
             self._flush_doomed()
         try:
             return self._peer().call(method, *args, wait=wait)
         except RuntimeError as exc:
             raise ClosedTaskDispatcherError(f"the remote dispatcher is closed: {exc}") from exc
+        except (LookupError, CommunicationError) as exc:
+            if self.closed:  # close() from another thread ended this call.
+                raise ClosedTaskDispatcherError("the dispatcher is closed") from exc
+            raise
 
     def _flush_doomed(self) -> None:
         by_incarnation: dict[str, list[int]] = {}
@@ -338,6 +353,8 @@ class RemoteQueueLink(QueueLink):
                 )
             except LookupError as exc:
                 raise ClosedTaskQueueError(str(exc)) from exc
+            except ClosedTaskDispatcherError:
+                raise
             if entries:
                 return [self._decode(entry) for entry in entries]
             if deadline is not None and time.monotonic() >= deadline:

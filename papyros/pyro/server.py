@@ -19,6 +19,7 @@ method does anything.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import secrets
 import threading
@@ -30,7 +31,12 @@ import Pyro5.api
 import Pyro5.server
 
 from papyros import _auth
-from papyros.errors import ClosedTaskDispatcherError, ClosedTaskQueueError, WorkerLostError
+from papyros.errors import (
+    ClosedTaskDispatcherError,
+    ClosedTaskQueueError,
+    WorkerLostError,
+)
+from papyros.errors import TimeoutError as PapyrosTimeoutError
 from papyros.pyro._common import LONG_POLL, dispatcher_name, locate_ns, log
 from papyros.scheduler import Scheduler
 
@@ -317,6 +323,8 @@ class DispatcherService:
             raise LookupError(str(exc)) from None
         except ClosedTaskDispatcherError as exc:
             raise RuntimeError(str(exc)) from None
+        except PapyrosTimeoutError as exc:
+            raise builtins.TimeoutError(str(exc)) from None
 
 
 def _address(conn: Any) -> str:
