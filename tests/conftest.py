@@ -11,17 +11,20 @@ process running (after giving them a few seconds to end).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
 import papyros
+from tests.pyro_cluster import SECRET, Cluster, start_nameserver, stop
 
 # Backends whose workers run concurrently with the client.
-CONCURRENT_BACKENDS = ["thread", "process"]
+CONCURRENT_BACKENDS = ["thread", "process", "pyro"]
 # Every backend. "dummy" runs tasks inline, in the consumer's own thread.
 BACKENDS = ["dummy", *CONCURRENT_BACKENDS]
 
@@ -34,15 +37,63 @@ _LEAK_GRACE = 10.0
 DispatcherFactory = Callable[..., papyros.TaskDispatcher]
 
 
-def _factory(backend: str, opened: list[papyros.TaskDispatcher]) -> DispatcherFactory:
+def _factory(
+    request: pytest.FixtureRequest, backend: str, opened: list[papyros.TaskDispatcher]
+) -> DispatcherFactory:
     def make(**settings: object) -> papyros.TaskDispatcher:
         if backend != "dummy":
             settings.setdefault("workers", WORKERS)
-        dispatcher = papyros.get_dispatcher(backend, **settings)
+        if backend == "pyro":
+            dispatcher = _start_pyro_group(request, **settings)
+        else:
+            dispatcher = papyros.get_dispatcher(backend, **settings)
         opened.append(dispatcher)
         return dispatcher
 
     return make
+
+
+def _start_pyro_group(request: pytest.FixtureRequest, **settings: object) -> papyros.TaskDispatcher:
+    """A real deployment of a new group: its dispatcher and workers, then a client proxy."""
+    papyros.load_config(**settings)  # Bad settings fail here, as on every backend.
+    cluster: Cluster = request.getfixturevalue("pyro_cluster")
+    group = f"test-{next(_groups)}"
+    workers = int(settings.pop("workers"))  # type: ignore[call-overload]
+    extra = []
+    if settings.get("size"):
+        extra = ["--size", str(settings.pop("size"))]
+    assert not {k: v for k, v in settings.items() if v}, f"unsupported for pyro: {settings}"
+    cluster.start_dispatcher(group, *extra)
+    cluster.start_workers(group, workers)
+    return papyros.get_dispatcher("pyro", group=group, ns_port=cluster.ns_port)
+
+
+_groups = itertools.count()
+
+# Processes that live for the whole session, not a test: not leaks.
+_SESSION_PIDS: set[int] = set()
+
+
+@pytest.fixture(scope="session")
+def pyro_nameserver() -> Iterator[int]:
+    """A real Pyro5 name server for the whole session; its port."""
+    process, port = start_nameserver()
+    _SESSION_PIDS.add(process.pid)
+    yield port
+    stop(process)
+
+
+@pytest.fixture
+def pyro_cluster(
+    pyro_nameserver: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Cluster]:
+    """Starts dispatchers and workers for a test, and stops them all at its end."""
+    monkeypatch.setenv("PAPYROS_SECRET", SECRET)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cluster = Cluster(pyro_nameserver, logs)
+    yield cluster
+    cluster.stop_all()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -56,19 +107,23 @@ def concurrent_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_dispatcher(backend: str) -> Iterator[DispatcherFactory]:
+def make_dispatcher(
+    request: pytest.FixtureRequest, backend: str
+) -> Iterator[DispatcherFactory]:
     """A factory of dispatchers of the backend under test, all closed at teardown."""
     opened: list[papyros.TaskDispatcher] = []
-    yield _factory(backend, opened)
+    yield _factory(request, backend, opened)
     for dispatcher in opened:
         dispatcher.close()
 
 
 @pytest.fixture
-def make_concurrent_dispatcher(concurrent_backend: str) -> Iterator[DispatcherFactory]:
+def make_concurrent_dispatcher(
+    request: pytest.FixtureRequest, concurrent_backend: str
+) -> Iterator[DispatcherFactory]:
     """Like ``make_dispatcher``, over the backends whose workers run beside the client."""
     opened: list[papyros.TaskDispatcher] = []
-    yield _factory(concurrent_backend, opened)
+    yield _factory(request, concurrent_backend, opened)
     for dispatcher in opened:
         dispatcher.close()
 
@@ -85,7 +140,8 @@ def concurrent_dispatcher(make_concurrent_dispatcher: DispatcherFactory) -> papy
 
 def _children() -> set[psutil.Process]:
     try:
-        return set(psutil.Process().children(recursive=True))
+        children = psutil.Process().children(recursive=True)
+        return {child for child in children if child.pid not in _SESSION_PIDS}
     except psutil.Error:
         return set()
 
@@ -120,4 +176,11 @@ def _no_leaks() -> Iterator[None]:
         with contextlib.suppress(psutil.Error):
             process.kill()
     assert not leaked_threads, f"the test leaked threads: {leaked_threads}"
-    assert not alive, f"the test leaked child processes: {[p.pid for p in alive]}"
+    assert not alive, f"the test leaked child processes: {[_describe(p) for p in alive]}"
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {process.status()} {' '.join(process.cmdline())[:200]}"
+    except psutil.Error:
+        return str(process.pid)
