@@ -62,3 +62,77 @@ def add(x: int, y: int = 0) -> int:
 
 def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
+
+
+# -- for the process backend's fault tests (tests/test_process.py)
+
+
+@papyros.Task.subclass()
+def worker_pid(seconds: float = 0.0) -> int:
+    """The pid of the worker that runs it, after ``seconds``."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@papyros.Task.subclass()
+def announce_then_sleep(path: str, seconds: float, value: Any = None) -> Any:
+    """Append this worker's pid to ``path`` (the task has started), then sleep."""
+    with open(path, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return value
+
+
+@papyros.Task.subclass()
+def kill_own_worker(path: str) -> None:
+    """A poison task: note the attempt in ``path``, then SIGKILL the worker running it."""
+    with open(path, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@papyros.Task.subclass()
+def exit_worker(code: int) -> None:
+    """Leave the worker process at once, as a C extension calling exit() would."""
+    os._exit(code)
+
+
+@papyros.Task.subclass()
+def make_lock() -> Any:
+    """A result that cannot be pickled."""
+    import threading
+
+    return threading.Lock()
+
+
+class NeedsTwoArguments(Exception):
+    """An exception that pickles but cannot be rebuilt: its __init__ wants two arguments."""
+
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__(f"{first}/{second}")
+
+
+@papyros.Task.subclass()
+def raise_unrebuildable() -> None:
+    raise NeedsTwoArguments("one", "two")
+
+
+@papyros.Task.subclass()
+def raise_unpicklable() -> None:
+    import threading
+
+    error = RuntimeError("holds a lock")
+    error.lock = threading.Lock()  # type: ignore[attr-defined]
+    raise error
+
+
+@papyros.Task.subclass()
+def call(function: Any, *args: Any) -> Any:
+    return function(*args)
+
+
+@papyros.Task.subclass(time_limit=1.0)
+def limited_sleep(seconds: float, value: Any = None) -> Any:
+    """Sleeps; may run for at most 1 s on a backend that enforces time limits."""
+    time.sleep(seconds)
+    return value

@@ -664,6 +664,10 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             timer, worker.timer = worker.timer, None
             closing = self._closing
         worker.results.close()
+        self._prune_feeders()
+        if not closing:
+            self._replace(worker, exitcode)
+        # Settle what it held only now, so that whoever sees the outcome sees the replacement.
         reason = ""
         if timer is not None:
             error = TimeoutError(
@@ -675,34 +679,29 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             ]
             payload = self._pickle.encode_outcomes(outcomes)
             self._scheduler.complete(worker.pid, timer.unit_id, timer.attempt, payload)
-            exitcode, reason = None, "was killed because another task ran over its time limit"
+            exitcode, reason = None, "was killed because a task ran over its time limit"
         held = len(self._scheduler.held_by(worker.pid))
         retried = self._scheduler.worker_lost(worker.pid, exitcode=exitcode, reason=reason)
-        if held:
+        self._signal_work()
+        if timer is not None or held or not (retiring or closing):
             logger.warning(
-                "worker %s (pid %s) %s holding %d unit(s); %d re-dispatched",
+                "worker %s (pid %s) %s; %d unit(s) it held were re-dispatched",
                 worker.slot,
                 worker.pid,
-                f"exited with code {exitcode}" if reason == "" else reason,
-                held,
+                reason or _how_it_ended(exitcode),
                 len(retried),
             )
-        elif not retiring and not closing:
-            logger.warning(
-                "worker %s (pid %s) exited with code %s", worker.slot, worker.pid, exitcode
-            )
-        self._signal_work()
-        self._prune_feeders()
-        if closing:
-            return
+
+    def _replace(self, worker: _Worker, exitcode: int | None) -> None:
+        """Start a worker in the slot of one that ended, unless workers keep dying at start."""
         self._failed_starts = 0 if worker.ready else self._failed_starts + 1
         if self._failed_starts >= _MAX_FAILED_STARTS:
             logger.error(
-                "%d worker processes in a row died before they were ready (the last exited "
-                "with code %s); the dispatcher is closing. Is the main module guarded by "
+                "%d worker processes in a row died before they were ready (the last %s); "
+                "the dispatcher is closing. Is the main module guarded by "
                 "`if __name__ == '__main__':`, and importable by a fresh interpreter?",
                 self._failed_starts,
-                exitcode,
+                _how_it_ended(exitcode),
             )
             self._scheduler.close()
             return
@@ -715,3 +714,9 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             self._feeders = [feeder for feeder in self._feeders if feeder.is_alive()]
         for feeder in ended:
             feeder.join()
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"

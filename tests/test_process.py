@@ -1,0 +1,366 @@
+"""Faults that only the process backend can suffer, each really done (DESIGN 3.8, issue 3).
+
+Workers are really killed, really exit, really run over their time limit; a
+client is really interrupted with SIGINT. The behaviour suite covers the
+rest of the contract on this backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import papyros
+from papyros.dispatchers.process import MultiProcessTaskDispatcher
+from tests.tasks import (
+    announce_then_sleep,
+    call,
+    exit_worker,
+    fail_if_odd,
+    identity,
+    kill_own_worker,
+    limited_sleep,
+    lines,
+    make_lock,
+    raise_unpicklable,
+    raise_unrebuildable,
+    record,
+    square,
+    worker_pid,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+Factory = Callable[..., MultiProcessTaskDispatcher]
+
+
+@pytest.fixture
+def make() -> Iterator[Factory]:
+    """Process dispatchers (2 workers unless told), all closed at teardown."""
+    opened: list[MultiProcessTaskDispatcher] = []
+
+    def factory(num_workers: int = 2, **settings: int) -> MultiProcessTaskDispatcher:
+        dispatcher = MultiProcessTaskDispatcher(num_workers, **settings)  # type: ignore[arg-type]
+        opened.append(dispatcher)
+        return dispatcher
+
+    yield factory
+    for dispatcher in opened:
+        dispatcher.close()
+
+
+def worker_pids(parent: int | None = None) -> set[int]:
+    """The pids of the live worker processes of ``parent`` (default: this process)."""
+    pids = set()
+    for child in psutil.Process(parent).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def wait_for_lines(path: Path, count: int, timeout: float = 30.0) -> list[str]:
+    """Wait (bounded) until tasks have written ``count`` lines to ``path``."""
+    deadline = time.monotonic() + timeout
+    while len(found := lines(path)) < count:
+        assert time.monotonic() < deadline, f"only {len(found)} of {count} tasks started"
+        time.sleep(0.01)
+    return found
+
+
+def run_python(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a Python interpreter in the repository, as a user would run their script."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
+
+
+# ------------------------------------------------------------ lost workers
+
+
+def test_a_worker_killed_mid_task_is_replaced_and_its_task_rerun(
+    make: Factory, tmp_path: Path
+) -> None:
+    dispatcher = make(2)
+    started = tmp_path / "started"
+    with dispatcher.make_queue() as queue:
+        for i in range(20):
+            queue.push(announce_then_sleep(str(started), 0.1, i))
+        victim = int(wait_for_lines(started, 1)[0])
+        os.kill(victim, signal.SIGKILL)
+        results = sorted(queue.pop(timeout=30) for _ in range(20))
+    assert results == list(range(20))
+    workers = worker_pids()
+    assert victim not in workers
+    assert len(workers) == 2  # The killed worker was replaced.
+
+
+def test_a_poison_task_fails_after_the_retry_limit_and_spares_the_others(
+    make: Factory, tmp_path: Path
+) -> None:
+    dispatcher = make(2, max_attempts=3)
+    attempts = tmp_path / "attempts"
+    tasks = [kill_own_worker(str(attempts)), *(square(i) for i in range(50))]
+    results = dispatcher.execute(tasks, ordered=True)
+    with pytest.raises(papyros.WorkerLostError) as info:
+        next(results)
+    assert list(results) == [i * i for i in range(50)]
+    error = info.value
+    assert error.exitcode == -signal.SIGKILL
+    assert error.attempts == 3
+    assert "killed by signal 9" in str(error)
+    assert "3 times" in str(error)
+    # No respawn storm: the poison ran exactly once per attempt, and two workers remain.
+    assert len(lines(attempts)) == 3
+    assert len(worker_pids()) == 2
+
+
+def test_os_exit_in_a_task_is_a_lost_worker_not_a_result(make: Factory) -> None:
+    dispatcher = make(2, max_attempts=2)
+    results = dispatcher.execute([exit_worker(0), square(3)], ordered=True)
+    with pytest.raises(papyros.WorkerLostError) as info:
+        next(results)
+    assert info.value.exitcode == 0
+    assert info.value.attempts == 2
+    assert "exited with code 0" in str(info.value)
+    assert list(results) == [9]
+
+
+# ------------------------------------------------------------ serialization
+
+
+def test_an_unpicklable_argument_fails_at_push_naming_it(make: Factory) -> None:
+    dispatcher = make(1)
+    with dispatcher.make_queue() as queue:
+        with pytest.raises(papyros.SerializationError, match="argument 0") as info:
+            queue.push(identity(threading.Lock()))
+        assert "lock" in str(info.value)
+        assert dispatcher.num_tasks() == 0
+        queue.push(identity("still usable"))
+        assert queue.pop(timeout=30) == "still usable"
+
+
+def test_lambdas_and_closures_travel_by_value(make: Factory) -> None:
+    offset = 10
+
+    def add_offset(x: int) -> int:
+        return x + offset
+
+    tasks = [call(lambda x: x * 2, 21), call(add_offset, 1)]
+    assert list(make(1).execute(tasks, ordered=True)) == [42, 11]
+
+
+def test_outcomes_that_cannot_travel_become_remote_task_errors(make: Factory) -> None:
+    dispatcher = make(1)
+    with dispatcher.make_queue() as queue:
+        queue.push(worker_pid())
+        pid = queue.pop(timeout=30)
+
+        queue.push(make_lock())
+        with pytest.raises(papyros.RemoteTaskError) as info:
+            queue.pop(timeout=30)
+        assert "lock" in info.value.type_name
+        assert "could not be pickled" in info.value.remote_message
+
+        queue.push(raise_unrebuildable())
+        with pytest.raises(papyros.RemoteTaskError) as info:
+            queue.pop(timeout=30)
+        assert info.value.type_name == "tests.tasks.NeedsTwoArguments"
+        assert info.value.remote_message == "one/two"
+        assert "raise_unrebuildable" in info.value.traceback
+
+        queue.push(raise_unpicklable())
+        with pytest.raises(papyros.RemoteTaskError) as info:
+            queue.pop(timeout=30)
+        assert info.value.type_name == "RuntimeError"
+        assert info.value.remote_message == "holds a lock"
+
+        queue.push(worker_pid())
+        assert queue.pop(timeout=30) == pid  # The same worker lived on through all of it.
+
+
+def test_a_task_exception_carries_its_remote_traceback(make: Factory) -> None:
+    with pytest.raises(ValueError, match="odd: 1") as info:
+        next(make(1).execute([fail_if_odd(1)]))
+    cause = str(info.value.__cause__)
+    assert "fail_if_odd" in cause
+    assert "ValueError: odd: 1" in cause
+
+
+MAIN_SCRIPT = """
+import json
+
+import papyros
+from tests.tasks import call
+
+
+@papyros.Task.subclass()
+def triple(x):
+    return 3 * x
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+
+@papyros.Task.subclass()
+def make_point(x):
+    return Point(x)
+
+
+def main():
+    scale = 5
+
+    def scaled(x):
+        return scale * x
+
+    with papyros.MultiProcessTaskDispatcher(2) as dispatcher:
+        ones = list(dispatcher.execute((triple(i) for i in range(10)), ordered=True))
+        chunks = list(dispatcher.execute((triple(i) for i in range(10)), ordered=True, chunksize=4))
+        functions = list(
+            dispatcher.execute([call(lambda x: x + 1, 1), call(scaled, 2)], ordered=True)
+        )
+        point = next(dispatcher.execute([make_point(7)]))
+    print(json.dumps([ones, chunks, functions, type(point) is Point, point.x]))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "-c"])
+def test_tasks_defined_in_main_work(tmp_path: Path, how: str) -> None:
+    script = tmp_path / "main_tasks.py"
+    script.write_text(MAIN_SCRIPT)
+    args = [str(script)] if how == "script" else ["-c", MAIN_SCRIPT]
+    done = run_python(*args)
+    assert done.returncode == 0, done.stderr
+    ones, chunks, functions, same_class, x = json.loads(done.stdout)
+    assert ones == chunks == [3 * i for i in range(10)]
+    assert functions == [2, 10]
+    assert same_class is True  # The result's class comes back as the client's own.
+    assert x == 7
+
+
+# ------------------------------------------------------------ cancelling and closing
+
+
+CTRL_C_CLIENT = """
+import papyros
+from tests.tasks import sleep_then
+
+if __name__ == "__main__":
+    dispatcher = papyros.MultiProcessTaskDispatcher(2)
+    for count, _ in enumerate(dispatcher.execute(sleep_then(0.2) for _ in range(10_000))):
+        if count == 0:
+            print("running", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_client_stops_it_at_once_and_reaps_every_child(tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CTRL_C_CLIENT)
+    client = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "running"
+        children = psutil.Process(client.pid).children(recursive=True)
+        assert len(worker_pids(client.pid)) == 2
+        interrupted = time.monotonic()
+        client.send_signal(signal.SIGINT)
+        _, stderr = client.communicate(timeout=10)
+        elapsed = time.monotonic() - interrupted
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert "KeyboardInterrupt" in stderr
+    assert client.returncode != 0
+    assert elapsed < 5, f"the client took {elapsed:.1f} s to stop"
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"orphaned: {[process.pid for process in alive]}"
+
+
+def test_breaking_out_of_execute_stops_its_pending_work(make: Factory, tmp_path: Path) -> None:
+    dispatcher = make(2)
+    ran = tmp_path / "ran"
+    for value in dispatcher.execute(record(str(ran), i, 0.01) for i in range(5000)):
+        if value >= 20:
+            break
+    gc.collect()
+    assert dispatcher.num_queues() == 0
+    assert dispatcher.num_tasks() == 0
+    dispatcher.close()
+    assert len(lines(ran)) < 500
+
+
+def test_max_tasks_per_child_recycles_workers_without_losing_tasks(make: Factory) -> None:
+    dispatcher = make(1, max_tasks_per_child=2)
+    pids = list(dispatcher.execute(worker_pid() for _ in range(10)))
+    assert len(pids) == 10
+    per_worker = Counter(pids)
+    assert max(per_worker.values()) <= 2
+    assert len(per_worker) >= 5
+
+
+def test_close_with_running_tasks_returns_quickly_and_leaves_no_child(
+    make: Factory, tmp_path: Path
+) -> None:
+    dispatcher = make(2)
+    started = tmp_path / "started"
+    queue = dispatcher.make_queue()
+    for _ in range(4):
+        queue.push(announce_then_sleep(str(started), 60))
+    wait_for_lines(started, 2)
+    assert len(worker_pids()) == 2
+    closing = time.monotonic()
+    dispatcher.close()
+    assert time.monotonic() - closing < 5
+    assert worker_pids() == set()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("papyros-")]
+
+
+# ------------------------------------------------------------ time limits
+
+
+def test_a_task_over_its_time_limit_is_killed_and_times_out(make: Factory) -> None:
+    dispatcher = make(2)
+    start = time.monotonic()
+    tasks = [limited_sleep(60, "never"), *(limited_sleep(0.01, i) for i in range(10))]
+    results = dispatcher.execute(tasks, ordered=True)
+    with pytest.raises(papyros.TimeoutError, match="time limit of 1 s") as info:
+        next(results)
+    assert isinstance(info.value, TimeoutError)
+    assert list(results) == list(range(10))
+    assert time.monotonic() - start < 20
+    assert len(worker_pids()) == 2  # The killed worker was replaced.
