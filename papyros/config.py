@@ -31,7 +31,7 @@ else:  # pragma: no cover
 __all__ = ["DEFAULT_BACKEND", "Config", "load_config"]
 
 #: The backend used when nothing says otherwise.
-DEFAULT_BACKEND = "thread"
+DEFAULT_BACKEND = "process"
 
 _ENV_PREFIX = "PAPYROS_"
 
