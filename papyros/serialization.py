@@ -27,9 +27,12 @@ Encoding rules, fastest first:
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import reprlib
 import traceback
+import types
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
@@ -42,14 +45,54 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 # Where plain pickle would refer to ``__main__``, which workers cannot import by name.
 _MAIN_MARKER = b"__main__"
+# Pickles larger than this are not searched for the marker (a search costs as much as
+# a copy) but pickled again into nothing, with a hook that sees every class and function.
+_SEARCH_BYTES = 1 << 16
 
 # Outcome payloads start with the unit's task count, so that a unit whose
-# outcomes cannot be unpickled in the client still yields one error per task.
+# outcomes cannot be unpickled in the client still yields one error per task,
+# then one byte saying whether any task failed (else there is nothing to rebuild).
 _COUNT_BYTES = 4
+_HEADER_BYTES = _COUNT_BYTES + 1
+
+_args = attrgetter("args")
+_kwargs = attrgetter("kwargs")
+_ok = itemgetter(0)
 
 _short = reprlib.Repr()
 _short.maxstring = 80
 _short.maxother = 80
+
+
+class _MainFound(Exception):
+    """Raised by _MainScanner when a value refers to something defined in ``__main__``."""
+
+
+class _Discard:
+    """A file that forgets what is written to it."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+class _MainScanner(pickle.Pickler):
+    """Pickles into nothing, to learn whether a value refers to ``__main__`` by name."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
+            raise _MainFound
+        return NotImplemented
+
+
+def _by_value_needed(value: object, data: bytes) -> bool:
+    """Whether ``data``, the plain pickle of ``value``, names something in ``__main__``."""
+    if len(data) <= _SEARCH_BYTES:
+        return _MAIN_MARKER in data
+    try:
+        _MainScanner(_Discard(), _PROTOCOL).dump(value)
+    except _MainFound:
+        return True
+    return False
 
 
 def _cloudpickle() -> Any:
@@ -135,7 +178,7 @@ def _dumps(value: object) -> bytes:
         data = pickle.dumps(value, _PROTOCOL)
     except Exception:
         data = b""
-    if not data or _MAIN_MARKER in data:
+    if not data or _by_value_needed(value, data):
         data = _cloudpickle().dumps(value, _PROTOCOL)
     return data
 
@@ -153,13 +196,13 @@ class PickleCodec(Codec):
 
     def encode_unit(self, tasks: list[Task]) -> bytes:
         first = type(tasks[0])
-        if len(tasks) == 1 or all(type(task) is first for task in tasks):
+        if len(tasks) == 1 or len(set(map(type, tasks))) == 1:
             ref = self._class_refs.get(first)
             if ref is None:
                 ref = self._class_ref(first, tasks[0])
-            args = [task.args for task in tasks]
-            if any(task.kwargs for task in tasks):
-                body: tuple[Any, ...] = (ref, args, [task.kwargs for task in tasks])
+            args = list(map(_args, tasks))
+            if any(map(_kwargs, tasks)):
+                body: tuple[Any, ...] = (ref, args, list(map(_kwargs, tasks)))
             else:
                 body = (ref, args)
         else:
@@ -168,7 +211,7 @@ class PickleCodec(Codec):
             data = pickle.dumps(body, _PROTOCOL)
         except Exception:
             data = b""
-        if not data or _MAIN_MARKER in data:
+        if not data or _by_value_needed(body, data):
             try:
                 data = _cloudpickle().dumps(body, _PROTOCOL)
             except Exception as exc:
@@ -196,9 +239,8 @@ class PickleCodec(Codec):
         return ref
 
     def decode_outcomes(self, payload: bytes) -> list[Outcome]:
-        count = int.from_bytes(payload[:_COUNT_BYTES], "little")
         try:
-            outcomes: list[Outcome] = pickle.loads(memoryview(payload)[_COUNT_BYTES:])
+            outcomes: list[Outcome] = pickle.loads(memoryview(payload)[_HEADER_BYTES:])
         except Exception as exc:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             return [
@@ -210,8 +252,10 @@ class PickleCodec(Codec):
                         text,
                     ),
                 )
-                for _ in range(count)
+                for _ in range(int.from_bytes(payload[:_COUNT_BYTES], "little"))
             ]
+        if not payload[_COUNT_BYTES]:
+            return outcomes
         for index, (ok, value) in enumerate(outcomes):
             if not ok and isinstance(value, _Failure):
                 outcomes[index] = (False, value.rebuild())
@@ -235,26 +279,29 @@ class PickleCodec(Codec):
         else:
             cls = ref
         if len(body) == 2:
-            return cls, [cls(*args) for args in body[1]]
+            return cls, list(itertools.starmap(cls, body[1]))
         return cls, [cls(*args, **kwargs) for args, kwargs in zip(body[1], body[2], strict=True)]
 
     def encode_outcomes(self, outcomes: list[Outcome]) -> bytes:
         prepared = outcomes
-        if not all(ok for ok, _ in outcomes):
+        failed = not all(map(_ok, outcomes))
+        if failed:
             prepared = [
                 outcome if outcome[0] else (False, _Failure.of(outcome[1])) for outcome in outcomes
             ]
-        count = len(outcomes).to_bytes(_COUNT_BYTES, "little")
+        header = len(outcomes).to_bytes(_COUNT_BYTES, "little") + (b"\x01" if failed else b"\x00")
         try:
             data = pickle.dumps(prepared, _PROTOCOL)
         except Exception:
             data = b""
-        if not data or _MAIN_MARKER in data:
+        if not data or _by_value_needed(prepared, data):
             try:
                 data = _cloudpickle().dumps(prepared, _PROTOCOL)
             except Exception:
-                data = _cloudpickle().dumps([_travel(outcome) for outcome in prepared], _PROTOCOL)
-        return count + data
+                prepared = [_travel(outcome) for outcome in prepared]
+                data = _cloudpickle().dumps(prepared, _PROTOCOL)
+                header = header[:_COUNT_BYTES] + b"\x01"
+        return header + data
 
 
 def _travel(outcome: Outcome) -> Outcome:

@@ -98,6 +98,46 @@ _EXIT_GRACE = 5.0
 _MAX_FAILED_STARTS = 3
 
 
+# ==================================================================== framing
+
+# Payloads larger than this, in all, travel as messages of their own: never copied into one.
+_SEPARATE_BYTES = 1 << 18
+_PREFIX_BYTES = 4
+
+
+def _send_framed(conn: Connection, header: Any, payloads: list[Any]) -> None:
+    """Send a small pickled header and the opaque payloads (units or outcomes) it describes.
+
+    Payloads are never pickled again: small ones follow the header in the same
+    message, large ones go as messages of their own.
+    """
+    lengths = [len(payload) for payload in payloads]
+    separate = sum(lengths) > _SEPARATE_BYTES
+    head = pickle.dumps((header, lengths, separate), _PROTOCOL)
+    prefix = len(head).to_bytes(_PREFIX_BYTES, "little")
+    if separate:
+        conn.send_bytes(prefix + head)
+        for payload in payloads:
+            conn.send_bytes(payload)
+    else:
+        conn.send_bytes(b"".join([prefix, head, *payloads]))
+
+
+def _recv_framed(conn: Connection) -> tuple[Any, list[Any]]:
+    """Receive what :func:`_send_framed` sent: the header, and the payloads as buffers."""
+    data = conn.recv_bytes()
+    view = memoryview(data)
+    end = _PREFIX_BYTES + int.from_bytes(view[:_PREFIX_BYTES], "little")
+    header, lengths, separate = pickle.loads(view[_PREFIX_BYTES:end])
+    if separate:
+        return header, [conn.recv_bytes() for _ in lengths]
+    payloads = []
+    for length in lengths:
+        payloads.append(view[end : end + length])
+        end += length
+    return header, payloads
+
+
 # ==================================================================== worker process side
 
 
@@ -156,8 +196,9 @@ class _PipeWorkSource(WorkSource):
         self._results = results
         self._batch: list[Assignment] = []
         self._index = 0
-        # Outcomes not sent yet, as (unit id, attempt, payload).
-        self._done: list[tuple[int, int, bytes]] = []
+        # Outcomes not sent yet: (unit id, attempt) and the payload of each.
+        self._done: list[tuple[int, int]] = []
+        self._outcomes: list[bytes] = []
         self._busy = 0.0  # Seconds spent running the units in _done.
         self._mark = time.monotonic()
         self._last_flush = self._mark
@@ -170,12 +211,12 @@ class _PipeWorkSource(WorkSource):
         if self._done:
             self._send(None)
         try:
-            data = self._tasks.recv_bytes()
+            units, payloads = _recv_framed(self._tasks)
         except EOFError:
             return []  # The parent closed the pipe: stop.
         self._batch = [
             Assignment(unit_id, attempt, payload, ntasks)
-            for unit_id, attempt, ntasks, payload in pickle.loads(data)
+            for (unit_id, attempt, ntasks), payload in zip(units, payloads, strict=True)
         ]
         self._index = 0
         self._mark = time.monotonic()
@@ -186,7 +227,8 @@ class _PipeWorkSource(WorkSource):
         self._busy += now - self._mark
         self._mark = now
         self._index += 1
-        self._done.append((assignment.unit_id, assignment.attempt, outcome))
+        self._done.append((assignment.unit_id, assignment.attempt))
+        self._outcomes.append(outcome)
         if now - self._last_flush >= _FLUSH_SECONDS:
             self._send(None)
 
@@ -207,11 +249,11 @@ class _PipeWorkSource(WorkSource):
         now = time.monotonic()
         self._busy += now - self._mark
         self._mark = now
-        message = pickle.dumps((self._done, notice, self._busy), _PROTOCOL)
-        self._done = []
-        self._busy = 0.0
+        done, outcomes = self._done, self._outcomes
+        self._done, self._outcomes = [], []
+        busy, self._busy = self._busy, 0.0
         self._last_flush = now
-        self._results.send_bytes(message)
+        _send_framed(self._results, (done, notice, busy), outcomes)
 
 
 def _worker_main(tasks: Connection, results: Connection) -> None:
@@ -548,10 +590,11 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                         worker.tasks_sent += assignments[0].ntasks
                         if worker.tasks_sent >= limit:
                             worker.state = _State.RETIRING
-                message = pickle.dumps(
-                    [(a.unit_id, a.attempt, a.ntasks, a.payload) for a in assignments], _PROTOCOL
+                _send_framed(
+                    worker.tasks,
+                    [(a.unit_id, a.attempt, a.ntasks) for a in assignments],
+                    [a.payload for a in assignments],
                 )
-                worker.tasks.send_bytes(message)
         except OSError:
             pass  # The worker died; the reader re-dispatches what it held.
         finally:
@@ -599,17 +642,13 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
     def _receive(self, worker: _Worker) -> None:
         """Take one message of outcomes from a worker."""
         try:
-            data = worker.results.recv_bytes()
+            (done, notice, busy), outcomes = _recv_framed(worker.results)
         except (EOFError, OSError):
             worker.eof_at = time.monotonic()  # It is exiting; its sentinel will tell.
             return
-        self._handle(worker, data)
-
-    def _handle(self, worker: _Worker, data: bytes) -> None:
-        done, notice, busy = pickle.loads(data)
         complete = self._scheduler.complete
         pid = worker.pid
-        for unit_id, attempt, outcome in done:
+        for (unit_id, attempt), outcome in zip(done, outcomes, strict=True):
             complete(pid, unit_id, attempt, outcome)
         with self._lock:
             worker.ready = True
