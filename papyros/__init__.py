@@ -28,6 +28,7 @@ from papyros.errors import (
     BackendUnavailableError,
     ClosedTaskDispatcherError,
     ClosedTaskQueueError,
+    CommunicationError,
     ConfigurationError,
     PapyrosError,
     RemoteTaskError,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from papyros.dispatchers.dummy import DummyTaskDispatcher
     from papyros.dispatchers.process import MultiProcessTaskDispatcher
     from papyros.dispatchers.thread import MultiThreadedTaskDispatcher
+    from papyros.pyro.dispatcher import PyroTaskDispatcher
 
 __version__ = "0.3.0.dev0"
 
@@ -51,12 +53,14 @@ __all__ = [
     "BackendUnavailableError",
     "ClosedTaskDispatcherError",
     "ClosedTaskQueueError",
+    "CommunicationError",
     "Config",
     "ConfigurationError",
     "DummyTaskDispatcher",
     "MultiProcessTaskDispatcher",
     "MultiThreadedTaskDispatcher",
     "PapyrosError",
+    "PyroTaskDispatcher",
     "RemoteTaskError",
     "SerializationError",
     "Task",
@@ -75,6 +79,7 @@ _LAZY_BACKENDS = {
     "DummyTaskDispatcher": "dummy",
     "MultiThreadedTaskDispatcher": "thread",
     "MultiProcessTaskDispatcher": "process",
+    "PyroTaskDispatcher": "pyro",
 }
 
 

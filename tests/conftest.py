@@ -11,6 +11,7 @@ process running (after giving them a few seconds to end).
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import threading
 import time
@@ -164,6 +165,8 @@ def _no_leaks() -> Iterator[None]:
     threads_before = set(threading.enumerate())
     children_before = _children()
     yield
+    # Unclosed sockets and files warn (as errors) here, in the test that leaked them.
+    gc.collect()
     deadline = time.monotonic() + _LEAK_GRACE
     leaked_threads = []
     for thread in set(threading.enumerate()) - threads_before:

@@ -343,10 +343,21 @@ class DispatcherDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
         self._service = service
         self._secret = secret
 
+    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        accepted: bool = super()._handshake(conn, denied_reason)
+        if not accepted and not getattr(conn, "papyros_refusal_logged", False):
+            log.warning(
+                "refused a connection from %s: not a valid papyros handshake "
+                "(garbage, an oversized message, or another protocol)",
+                _address(conn),
+            )
+        return accepted
+
     def validateHandshake(self, conn: Any, data: Any) -> Any:
         nonce = data.get("nonce") if isinstance(data, dict) else None
         if not isinstance(nonce, bytes) or len(nonce) < 16:
             log.warning("refused a connection from %s: no papyros handshake", _address(conn))
+            conn.papyros_refusal_logged = True
             raise PermissionError("a papyros handshake is required")
         own = _auth.new_nonce()
         conn.papyros_nonces = (nonce, own)

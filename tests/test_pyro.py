@@ -1,0 +1,350 @@
+"""What is specific to the distributed backend, with real processes on 127.0.0.1.
+
+The contract itself is checked by the behaviour suite, on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+import papyros
+from tests.pyro_cluster import Cluster, command, environment, stop
+from tests.pyro_tasks import Boom, kill_my_worker, note_pid_then_sleep, whoami
+from tests.tasks import square
+
+pytestmark = pytest.mark.usefixtures("pyro_cluster")
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.05)
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def client(cluster: Cluster, group: str) -> papyros.TaskDispatcher:
+    return papyros.get_dispatcher("pyro", group=group, ns_port=cluster.ns_port)
+
+
+def worker_pids(dispatcher: papyros.TaskDispatcher) -> set[int]:
+    return {worker["pid"] for worker in dispatcher.get_stats()["workers"]}  # type: ignore[attr-defined]
+
+
+def test_two_groups_never_share_workers(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("red")
+    pyro_cluster.start_dispatcher("blue")
+    pyro_cluster.start_workers("red", 2)
+    pyro_cluster.start_workers("blue", 1)
+    with client(pyro_cluster, "red") as red, client(pyro_cluster, "blue") as blue:
+        red_pids = {pid for _, pid in red.execute(whoami() for _ in range(200))}
+        blue_pids = {pid for _, pid in blue.execute(whoami() for _ in range(200))}
+        assert len(blue_pids) == 1
+        assert red_pids.isdisjoint(blue_pids)
+        wait_until(lambda: len(worker_pids(red)) == 2, what="two red workers")
+        assert worker_pids(red).isdisjoint(worker_pids(blue))
+
+
+def test_workers_started_first_join_when_the_dispatcher_appears(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_workers("early", 2)
+    pyro_cluster.start_dispatcher("early")
+    with client(pyro_cluster, "early") as dispatcher:
+        assert sorted(dispatcher.execute(square(i) for i in range(20))) == [
+            i * i for i in range(20)
+        ]
+
+
+def test_a_restarted_dispatcher_is_rejoined_and_old_clients_get_an_error(
+    pyro_cluster: Cluster,
+) -> None:
+    first, _ = pyro_cluster.start_dispatcher("phoenix")
+    pyro_cluster.start_workers("phoenix", 2)
+    old = client(pyro_cluster, "phoenix")
+    assert list(old.execute([square(3)])) == [9]
+    queue = old.make_queue()
+    first.kill()
+    first.wait()
+    # The old client's queue died with the dispatcher: a clear error, not a hang.
+    with pytest.raises(papyros.PapyrosError):
+        queue.push(square(1))  # noqa: PT012 - whichever call notices first must raise.
+        queue.pop(timeout=20)
+    old.close()
+    pyro_cluster.start_dispatcher("phoenix")
+    with client(pyro_cluster, "phoenix") as new:
+        assert sorted(new.execute(square(i) for i in range(50))) == [i * i for i in range(50)]
+        wait_until(lambda: len(worker_pids(new)) == 2, what="both workers back")
+
+
+def test_kill_9_of_a_worker_mid_task_loses_no_result(pyro_cluster: Cluster, tmp_path: Path) -> None:
+    pyro_cluster.start_dispatcher("fragile")
+    pyro_cluster.start_workers("fragile", 2)
+    started = tmp_path / "started"
+    with client(pyro_cluster, "fragile") as dispatcher:
+        queue = dispatcher.make_queue()
+        for i in range(6):
+            queue.push(note_pid_then_sleep(str(started), 0.5, i))
+        wait_until(lambda: pids_in(started), what="a task to start")
+        os.kill(pids_in(started)[0], signal.SIGKILL)
+        assert sorted(queue.pop(timeout=30) for _ in range(6)) == list(range(6))
+        # The killed worker is replaced.
+        wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="a replacement worker")
+
+
+def test_a_stopped_worker_s_units_are_redispatched_and_its_late_result_dropped(
+    pyro_cluster: Cluster, tmp_path: Path
+) -> None:
+    pyro_cluster.start_dispatcher("sleepy", "--lease", "1")
+    pyro_cluster.start_workers("sleepy", 2, "--lease", "1")
+    started = tmp_path / "started"
+    with client(pyro_cluster, "sleepy") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="two workers")
+        queue = dispatcher.make_queue()
+        queue.push(note_pid_then_sleep(str(started), 1.5, "once"))
+        wait_until(lambda: pids_in(started), what="the task to start")
+        frozen = pids_in(started)[0]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            assert queue.pop(timeout=30) == "once"
+            assert len(pids_in(started)) == 2  # It ran again, elsewhere.
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        # The thawed worker finishes the task, is told it was presumed dead, and
+        # registers again; its late result must not be delivered.
+        wait_until(lambda: frozen in worker_pids(dispatcher), what="the thawed worker back")
+        assert queue.pop_many(timeout=0) == []
+        assert dispatcher.num_tasks() == 0
+
+
+def test_a_poison_task_ends_as_worker_lost(pyro_cluster: Cluster, tmp_path: Path) -> None:
+    pyro_cluster.start_dispatcher("poison", "--max-attempts", "2")
+    pyro_cluster.start_workers("poison", 2)
+    attempts = tmp_path / "attempts"
+    with client(pyro_cluster, "poison") as dispatcher:
+        results = dispatcher.execute([kill_my_worker(str(attempts)), square(4)], ordered=True)
+        with pytest.raises(papyros.WorkerLostError) as info:
+            next(results)
+        assert info.value.attempts == 2
+        assert "2 times" in str(info.value)
+        assert next(results) == 16
+        assert len(pids_in(attempts)) == 2
+
+
+# ------------------------------------------------------------ authentication
+
+
+def test_a_client_refuses_a_dispatcher_with_another_secret(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("impostor", secret="another-secret-0123456789")
+    with pytest.raises(papyros.AuthenticationError, match="dispatcher could not prove"):
+        client(pyro_cluster, "impostor")
+
+
+def test_a_dispatcher_refuses_a_client_with_another_secret(pyro_cluster: Cluster) -> None:
+    _, uri = pyro_cluster.start_dispatcher("guarded")
+    from papyros.pyro._common import Peer
+
+    # A peer with the wrong secret that does not even check the dispatcher's proof.
+    peer = Peer(uri, b"wrong-secret-0123456789", "client", "intruder")
+    with pytest.raises(papyros.AuthenticationError):
+        peer.connect()
+    peer.close()
+    # The dispatcher goes on serving everyone else.
+    pyro_cluster.start_workers("guarded", 1)
+    with client(pyro_cluster, "guarded") as dispatcher:
+        assert list(dispatcher.execute([square(5)])) == [25]
+
+
+def test_workers_with_another_secret_are_refused(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("closed-shop")
+    pyro_cluster.start_workers("closed-shop", 1, secret="another-secret-0123456789")
+    wait_until(lambda: "worker refused" in pyro_cluster.logs(), what="the refusal to be logged")
+    with client(pyro_cluster, "closed-shop") as dispatcher:
+        assert dispatcher.get_stats()["workers"] == []  # type: ignore[attr-defined]
+
+
+def _raw_proxy(uri: str) -> object:
+    """A Pyro5 proxy that completes the handshake without knowing the secret."""
+    import Pyro5.api
+
+    from papyros import _auth
+
+    proxy = Pyro5.api.Proxy(uri)
+    proxy._pyroSerializer = "marshal"
+    proxy._pyroHandshake = {"nonce": _auth.new_nonce()}
+    return proxy
+
+
+def test_an_unauthenticated_peer_cannot_call_anything(
+    pyro_cluster: Cluster, tmp_path: Path
+) -> None:
+    _, uri = pyro_cluster.start_dispatcher("fortress")
+    sentinel = tmp_path / "pwned"
+    hostile = pickle.dumps(Boom(str(sentinel)))
+    calls = {
+        "authenticate": (hostile, "client", "x"),
+        "open_queue": (hostile, 0),
+        "close_queues": (hostile, [1]),
+        "submit": (hostile, 1, [[hostile, 1]], 0.0),
+        "fetch": (hostile, 1, 0.0),
+        "num_queues": (),
+        "num_tasks": (),
+        "get_stats": (),
+        "register_worker": (hostile, 1),
+        "exchange": (hostile, [[1, 1, hostile, 1]], 1, 0.0),
+        "heartbeat": (hostile,),
+        "unregister_worker": (hostile,),
+    }
+    proxy = _raw_proxy(uri)
+    try:
+        for method, args in calls.items():
+            with pytest.raises(PermissionError):
+                getattr(proxy, method)(*args)
+    finally:
+        proxy._pyroRelease()  # type: ignore[attr-defined]
+    assert not sentinel.exists()
+    pyro_cluster.start_workers("fortress", 1)
+    with client(pyro_cluster, "fortress") as dispatcher:
+        assert list(dispatcher.execute([square(6)])) == [36]
+    assert not sentinel.exists()
+
+
+def test_a_connection_without_the_papyros_handshake_is_refused(pyro_cluster: Cluster) -> None:
+    import Pyro5.api
+    import Pyro5.errors
+
+    _, uri = pyro_cluster.start_dispatcher("strict")
+    proxy = Pyro5.api.Proxy(uri)
+    with pytest.raises(Pyro5.errors.CommunicationError, match="handshake"):
+        proxy._pyroBind()
+    proxy._pyroRelease()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends before it closes the connection (it must close it)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def _address(uri: str) -> tuple[str, int]:
+    host, port = uri.rsplit("@", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_garbage_and_oversized_messages_are_refused_and_logged(pyro_cluster: Cluster) -> None:
+    _, uri = pyro_cluster.start_dispatcher("picky", "--max-message-size", "100000")
+    address = _address(uri)
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(200))
+        reply = _read_until_closed(sock)
+    assert b"papyros.dispatcher" not in reply
+    # The header of a well-formed 10 MB connect message, over the 100 kB cap.
+    import Pyro5.protocol
+
+    message = Pyro5.protocol.SendingMessage(Pyro5.protocol.MSG_CONNECT, 0, 1, 3, b"x" * 10_000_000)
+    header = message.data[: Pyro5.protocol._header_size]
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(header)
+        reply = _read_until_closed(sock)
+    assert b"papyros.dispatcher" not in reply
+    wait_until(
+        lambda: pyro_cluster.logs().count("refused a connection") >= 2,
+        what="both refusals to be logged",
+    )
+    pyro_cluster.start_workers("picky", 1)
+    with client(pyro_cluster, "picky") as dispatcher:
+        assert list(dispatcher.execute([square(7)])) == [49]
+
+
+# ------------------------------------------------------------ the commands
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(*args), capture_output=True, text=True, timeout=timeout, env=environment()
+    )
+
+
+def _one_line_failure(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert done.returncode != 0, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_worker_counts_fail_in_one_line() -> None:
+    _one_line_failure(_run("workers", "-n", "0"), "at least 1")
+    _one_line_failure(_run("workers", "-n", "abc"), "'abc'")
+
+
+def test_a_port_in_use_fails_in_one_line(pyro_cluster: Cluster) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _run("dispatcher", "--port", str(port), "--ns-port", str(pyro_cluster.ns_port))
+    _one_line_failure(done, "cannot listen", str(port))
+
+
+def test_an_unreachable_name_server_fails_in_one_line() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    _one_line_failure(_run("dispatcher", "--ns-port", str(port)), "name server", str(port))
+    _one_line_failure(_run("status", "--ns-port", str(port)), "name server")
+    start = time.monotonic()
+    with pytest.raises(papyros.CommunicationError, match="name server"):
+        papyros.get_dispatcher("pyro", ns_port=port)
+    assert time.monotonic() - start < 20
+
+
+def test_a_client_of_a_group_without_dispatcher_gets_a_clear_error(
+    pyro_cluster: Cluster,
+) -> None:
+    with pytest.raises(papyros.CommunicationError, match="start-papyros dispatcher"):
+        client(pyro_cluster, "nobody-home")
+
+
+def test_status_lists_the_workers(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("watched")
+    pyro_cluster.start_workers("watched", 2)
+    with client(pyro_cluster, "watched") as dispatcher:
+        list(dispatcher.execute(square(i) for i in range(100)))
+        wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="two workers")
+        pids = worker_pids(dispatcher)
+    done = _run("status", "--group", "watched", "--ns-port", str(pyro_cluster.ns_port))
+    assert done.returncode == 0, done.stderr
+    assert "workers: 2" in done.stdout
+    for pid in pids:
+        assert f"pid {pid}" in done.stdout
+    assert "tasks done 100" in done.stdout or "tasks done: 100" in done.stdout
+
+
+def test_workers_stop_cleanly_on_sigterm_and_sigint(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("tidy")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        workers = pyro_cluster.start_workers("tidy", 2)
+        with client(pyro_cluster, "tidy") as dispatcher:
+            wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="two workers")
+            children = psutil.Process(workers.pid).children()
+            workers.send_signal(sig)
+            assert workers.wait(15) == 0
+            _, alive = psutil.wait_procs(children, timeout=10)
+            assert not alive
+        stop(workers)
