@@ -80,9 +80,13 @@ def test_a_restarted_dispatcher_is_rejoined_and_old_clients_get_an_error(
     first.kill()
     first.wait()
     # The old client's queue died with the dispatcher: a clear error, not a hang.
+
+    def push_and_pop() -> object:
+        queue.push(square(1))
+        return queue.pop(timeout=20)
+
     with pytest.raises(papyros.PapyrosError):
-        queue.push(square(1))  # noqa: PT012 - whichever call notices first must raise.
-        queue.pop(timeout=20)
+        push_and_pop()
     old.close()
     pyro_cluster.start_dispatcher("phoenix")
     with client(pyro_cluster, "phoenix") as new:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Hashable
@@ -56,10 +57,8 @@ class CoreQueueLink(QueueLink):
         return received
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(ClosedTaskDispatcherError):
             self._scheduler.close_queue(self._queue_id)
-        except ClosedTaskDispatcherError:
-            pass
 
     def close_soon(self) -> None:
         self._scheduler.close_queue_soon(self._queue_id)
