@@ -108,9 +108,7 @@ def concurrent_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_dispatcher(
-    request: pytest.FixtureRequest, backend: str
-) -> Iterator[DispatcherFactory]:
+def make_dispatcher(request: pytest.FixtureRequest, backend: str) -> Iterator[DispatcherFactory]:
     """A factory of dispatchers of the backend under test, all closed at teardown."""
     opened: list[papyros.TaskDispatcher] = []
     yield _factory(request, backend, opened)
