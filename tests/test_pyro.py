@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +22,7 @@ import psutil
 import pytest
 
 import papyros
-from tests.pyro_cluster import Cluster, command, environment, stop
+from tests.pyro_cluster import Cluster, command, environment, read_line, stop
 from tests.pyro_tasks import Boom, kill_my_worker, note_pid_then_sleep, whoami
 from tests.tasks import square
 
@@ -352,3 +356,123 @@ def test_workers_stop_cleanly_on_sigterm_and_sigint(pyro_cluster: Cluster) -> No
             _, alive = psutil.wait_procs(children, timeout=10)
             assert not alive
         stop(workers)
+
+
+# ------------------------------------------------------------ the README and TLS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start : end if end != -1 else len(text)]
+
+
+def _blocks(section: str, language: str) -> list[list[str]]:
+    return [
+        [line for line in block.split("\n", 1)[1].splitlines() if line.strip()]
+        for block in section.split("```")[1::2]
+        if block.startswith(language + "\n")
+    ]
+
+
+def _argv(line: str) -> list[str]:
+    argv = shlex.split(line.split("#", 1)[0])
+    if argv[0] == "start-papyros":  # As installed, wherever the scripts went.
+        scripts = Path(sysconfig.get_path("scripts"))
+        argv[0] = shutil.which("start-papyros") or str(scripts / "start-papyros")
+    elif argv[0] == "python":
+        argv[0] = sys.executable
+    return argv
+
+
+def test_the_readme_distributed_quickstart_works_verbatim(tmp_path: Path) -> None:
+    section = _section((REPO / "README.md").read_text(), "## Distributed quickstart")
+    [commands] = _blocks(section, "sh")
+    [expected_output] = _blocks(section, "text")
+    assert len(commands) == 4
+    env = environment()
+    env["PYRO_NS_PORT"] = str(_free_port())  # Not 9090: tests use ports the OS picks.
+    ready = [r"ready at", r"ready at", r"starting \d+ workers"]
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        for line, pattern in zip(commands[:3], ready, strict=False):
+            with (tmp_path / f"{len(processes)}.log").open("w") as log:
+                process = subprocess.Popen(
+                    _argv(line), cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, env=env
+                )
+            processes.append(process)
+            read_line(process, pattern, 30)
+        done = subprocess.run(
+            _argv(commands[3]), cwd=REPO, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        client_command = commands[3].split("#", 1)[0].strip()
+        assert [f"$ {client_command}", *done.stdout.splitlines()] == expected_output
+    finally:
+        for process in reversed(processes):
+            assert stop(process) == 0
+
+
+TLS_CLIENT = """
+import sys, papyros
+from tests.tasks import square
+cert, key, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with papyros.PyroTaskDispatcher.get_proxy(
+    "tls", ns_port=port, tls_cert=cert, tls_key=key, tls_ca=cert
+) as dispatcher:
+    print(sum(dispatcher.execute(square(i) for i in range(100))))
+"""
+
+
+def test_tls_by_the_documented_recipe(tmp_path: Path) -> None:
+    recipe = _blocks((REPO / "docs" / "distributed.md").read_text(), "sh")[0]
+    openssl = " ".join(line.rstrip("\\").strip() for line in recipe[:3])
+    subprocess.run(
+        shlex.split(openssl.replace("$(hostname)", "localhost")),
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    cert, key = str(tmp_path / "papyros-cert.pem"), str(tmp_path / "papyros-key.pem")
+    tls = ["--tls-cert", cert, "--tls-key", key, "--tls-ca", cert]
+    env = environment()
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        with (tmp_path / f"{len(processes)}.log").open("w") as log:
+            process = subprocess.Popen(
+                command(*args, *tls), stdout=subprocess.PIPE, stderr=log, text=True, env=env
+            )
+        processes.append(process)
+        return process
+
+    try:
+        ns = start("nameserver", "--port", "0")
+        port = read_line(ns, r"@127\.0\.0\.1:(\d+)", 30).group(1)
+        read_line(start("dispatcher", "--group", "tls", "--ns-port", port), "ready at", 30)
+        read_line(start("workers", "-n", "1", "--group", "tls", "--ns-port", port), "workers", 30)
+        done = subprocess.run(
+            [sys.executable, "-c", TLS_CLIENT, cert, key, port],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(sum(i * i for i in range(100)))
+        # Without TLS, nobody gets in: not even to the name server.
+        with pytest.raises(papyros.CommunicationError):
+            papyros.get_dispatcher("pyro", group="tls", ns_port=int(port))
+    finally:
+        for process in reversed(processes):
+            stop(process)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
 import time
@@ -90,8 +91,14 @@ def add_parsers(commands: Any) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     parser.add_argument(
-        "--port", type=port, default=9090, help="port (%(default)s; 0: one the OS picks)"
+        "--port",
+        type=port,
+        default=int(os.environ.get("PYRO_NS_PORT") or 9090),
+        help="port (default: $PYRO_NS_PORT, else 9090; 0: one the OS picks)",
     )
+    parser.add_argument("--tls-cert", default="", help="PEM certificate: enables TLS")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", default="", help="PEM CA bundle to verify peers with")
     add_logging_options(parser)
     parser.set_defaults(run=run_nameserver)
 
@@ -230,8 +237,11 @@ def run_nameserver(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_file)
     try:
         import Pyro5.nameserver
+
+        from papyros.pyro._common import configure_pyro
     except ImportError:
         return _fail("nameserver", "needs Pyro5: pip install 'papyros[pyro]'")
+    configure_pyro(server=True, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     try:
         uri, daemon, _ = Pyro5.nameserver.start_ns(args.host, args.port, enableBroadcast=False)
     except OSError as exc:

@@ -65,15 +65,16 @@ def configure_pyro(
         pyro_config.THREADPOOL_SIZE = 1000
         pyro_config.THREADPOOL_SIZE_MIN = 8
     if tls_cert or tls_ca:
+        # One certificate serves both roles: a dispatcher is also a name server client.
         pyro_config.SSL = True
         pyro_config.SSL_CACERTS = tls_ca
+        pyro_config.SSL_CLIENTCERT = tls_cert
+        pyro_config.SSL_CLIENTKEY = tls_key
         if server:
             pyro_config.SSL_SERVERCERT = tls_cert
             pyro_config.SSL_SERVERKEY = tls_key
+            # With a CA to check them against, peers must show certificates too.
             pyro_config.SSL_REQUIRECLIENTCERT = bool(tls_ca)
-        else:
-            pyro_config.SSL_CLIENTCERT = tls_cert
-            pyro_config.SSL_CLIENTKEY = tls_key
 
 
 def locate_ns(ns_host: str = "", ns_port: int = 0) -> Any:
