@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from itertools import islice, repeat
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +44,15 @@ class ResultIterator(Iterator[Any]):
         window: int,
     ) -> None:
         self._queue = queue
-        self._input = tasks
+        # The input, guarded so that an error it raises loses none of the items before it.
+        self._source = self._guarded(tasks)
         self._timeout = timeout
         self._ordered = ordered
         self._chunksize = chunksize
         # Units pulled from the input and not yet fully yielded: what the window bounds.
-        self._window = max(1, window)
+        # ``window`` is the backend's choice for single tasks; big chunks need fewer
+        # units in flight, but always a few per worker to keep the pipe full.
+        self._window = max(8, min(window, window * 16 // chunksize))
         self._refill_at = max(0, self._window // 2)
         self._outstanding = 0
         self._exhausted = False
@@ -165,32 +169,36 @@ class ResultIterator(Iterator[Any]):
             self._send(deadline)
 
     def _pull(self) -> None:
-        """Pull one chunk of tasks (or one bad item) from the input."""
+        """Pull one chunk of tasks (or up to a bad item) from the input."""
+        chunk = list(islice(self._source, self._chunksize))
+        if len(chunk) < self._chunksize:
+            self._exhausted = True  # The input ended, or raised (see _guarded).
+        if not all(map(isinstance, chunk, repeat(Task))):
+            self._pull_mixed(chunk)
+        elif chunk:
+            self._add_unsent(chunk)
+
+    def _pull_mixed(self, items: list[Any]) -> None:
+        """Split a chunk around its items that are not tasks: each is a TypeError, in place."""
         chunk: list[Task] = []
-        size = self._chunksize
-        try:
-            for item in self._input:
-                if isinstance(item, Task):
-                    chunk.append(item)
-                    if len(chunk) >= size:
-                        break
-                else:
-                    if chunk:
-                        self._add_unsent(chunk)
-                        chunk = []
-                    error = TypeError(
-                        f"execute() takes Task objects; got {type(item).__name__} {item!r}"
-                    )
-                    self._add_done([(False, error)])
-                    break
-            else:
-                self._exhausted = True
-        except Exception as exc:
-            # The input itself failed: deliver everything before it, then raise it.
-            self._exhausted = True
-            self._input_error = exc
+        for item in items:
+            if isinstance(item, Task):
+                chunk.append(item)
+                continue
+            if chunk:
+                self._add_unsent(chunk)
+                chunk = []
+            error = TypeError(f"execute() takes Task objects; got {type(item).__name__} {item!r}")
+            self._add_done([(False, error)])
         if chunk:
             self._add_unsent(chunk)
+
+    def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
+        """The input, with an exception it raises kept for the consumer instead of raised here."""
+        try:
+            yield from items
+        except Exception as exc:
+            self._input_error = exc
 
     def _add_unsent(self, chunk: list[Task]) -> None:
         self._unsent.append((self._next_position, chunk))

@@ -27,7 +27,6 @@ Encoding rules, fastest first:
 
 from __future__ import annotations
 
-import itertools
 import pickle
 import reprlib
 import traceback
@@ -36,7 +35,7 @@ from operator import attrgetter, itemgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
-from papyros.task import Outcome, Task
+from papyros.task import Outcome, Task, TaskBatch
 from papyros.worker import Codec
 
 __all__ = ["PickleCodec"]
@@ -263,24 +262,19 @@ class PickleCodec(Codec):
 
     # ---------------------------------------------------------------- worker side
 
-    def decode_unit(self, payload: bytes) -> list[Task]:
-        return self.decode_tasks(payload)[1]
-
-    def decode_tasks(self, payload: bytes) -> tuple[type[Task] | None, list[Task]]:
-        """A unit's tasks, and their class if they all have the same one (else None)."""
+    def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
         body = pickle.loads(payload)
         ref = body[0]
         if ref is None:
-            return None, body[1]
+            tasks: list[Task] = body[1]
+            return tasks
         if isinstance(ref, bytes):
             cls = self._classes.get(ref)
             if cls is None:
                 cls = self._classes[ref] = pickle.loads(ref)
         else:
             cls = ref
-        if len(body) == 2:
-            return cls, list(itertools.starmap(cls, body[1]))
-        return cls, [cls(*args, **kwargs) for args, kwargs in zip(body[1], body[2], strict=True)]
+        return TaskBatch(cls, body[1], body[2] if len(body) == 3 else None)
 
     def encode_outcomes(self, outcomes: list[Outcome]) -> bytes:
         prepared = outcomes

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeAlias
 
 from papyros.errors import UnprocessedTaskError
 
-__all__ = ["Outcome", "Task"]
+__all__ = ["Outcome", "Task", "TaskBatch"]
 
 #: What running a task produced: ``(True, result)`` or ``(False, exception)``.
 Outcome: TypeAlias = tuple[bool, Any]
@@ -83,15 +84,53 @@ class Task:
         try:
             return (True, self._execute(*self.args, **self.kwargs))
         except Exception as exc:
-            if self.traceback_attr:
-                # Skip this frame: the traceback starts in the task's own code.
-                tb = exc.__traceback__.tb_next if exc.__traceback__ else None
-                exc.traceback = "".join(  # type: ignore[attr-defined]
-                    traceback.format_exception(type(exc), exc, tb)
-                )
-            if self.task_attr:
-                exc.task = type(self)(*self.args, **self.kwargs)  # type: ignore[attr-defined]
-            return (False, exc)
+            return (False, type(self)._annotate(exc, self.args, self.kwargs))
+
+    @classmethod
+    def _annotate(cls, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+        """Give a task's exception the attributes its class options ask for."""
+        if cls.traceback_attr:
+            # Skip the frame that ran the task: the traceback starts in the task's own code.
+            tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+            exc.traceback = "".join(  # type: ignore[attr-defined]
+                traceback.format_exception(type(exc), exc, tb)
+            )
+        if cls.task_attr:
+            exc.task = cls(*args, **kwargs)  # type: ignore[attr-defined]
+        return exc
+
+    @classmethod
+    def _run_many(
+        cls, args_list: list[tuple[Any, ...]], kwargs_list: list[dict[str, Any]] | None = None
+    ) -> list[Outcome]:
+        """Run a task of this class for each set of arguments; their outcomes, in order.
+
+        The same as making each task and calling its ``_run``, without making
+        the tasks when the class wraps a plain function (a chunk's fast path).
+        """
+        function = cls.__dict__.get("function")
+        if function is None or cls._execute is not function.__func__:
+            kwargs_list = kwargs_list or [{}] * len(args_list)
+            return [
+                cls(*args, **kwargs)._run()
+                for args, kwargs in zip(args_list, kwargs_list, strict=True)
+            ]
+        execute = function.__func__
+        outcomes: list[Outcome] = []
+        append = outcomes.append
+        if kwargs_list is None:
+            for args in args_list:
+                try:
+                    append((True, execute(*args)))
+                except Exception as exc:
+                    append((False, cls._annotate(exc, args, {})))
+        else:
+            for args, kwargs in zip(args_list, kwargs_list, strict=True):
+                try:
+                    append((True, execute(*args, **kwargs)))
+                except Exception as exc:
+                    append((False, cls._annotate(exc, args, kwargs)))
+        return outcomes
 
     def __repr__(self) -> str:
         cls = type(self)
@@ -169,3 +208,34 @@ class _TaskFactory:
             **self._options,
         }
         return type(name, (self._base,), namespace)
+
+
+class TaskBatch:
+    """Tasks of one class, held as their arguments: a compact unit, ready to run.
+
+    Iterating over it makes the tasks; :meth:`run` runs them without doing so.
+    """
+
+    __slots__ = ("args", "cls", "kwargs")
+
+    def __init__(
+        self,
+        cls: type[Task],
+        args: list[tuple[Any, ...]],
+        kwargs: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+
+    def run(self) -> list[Outcome]:
+        return self.cls._run_many(self.args, self.kwargs)
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+    def __iter__(self) -> Iterator[Task]:
+        cls = self.cls
+        if self.kwargs is None:
+            return itertools.starmap(cls, self.args)
+        return (cls(*args, **kwargs) for args, kwargs in zip(self.args, self.kwargs, strict=True))

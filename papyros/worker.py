@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from papyros.scheduler import Assignment
-from papyros.task import Outcome, Task
+from papyros.task import Outcome, Task, TaskBatch
 
 __all__ = ["Codec", "InProcessCodec", "WorkSource", "run_unit", "work"]
 
@@ -24,8 +24,8 @@ class Codec(ABC):
         """Client side: a unit's tasks to its payload. Raises SerializationError."""
 
     @abstractmethod
-    def decode_unit(self, payload: Any) -> list[Task]:
-        """Worker side: a payload back to tasks."""
+    def decode_unit(self, payload: Any) -> list[Task] | TaskBatch:
+        """Worker side: a payload back to tasks (or a batch of them, to run as one)."""
 
     @abstractmethod
     def encode_outcomes(self, outcomes: list[Outcome]) -> Any:
@@ -66,7 +66,10 @@ class WorkSource(ABC):
 
 def run_unit(payload: Any, codec: Codec) -> Any:
     """Run every task of a unit, in order, and return their encoded outcomes."""
-    return codec.encode_outcomes([task._run() for task in codec.decode_unit(payload)])
+    unit = codec.decode_unit(payload)
+    if isinstance(unit, TaskBatch):
+        return codec.encode_outcomes(unit.run())
+    return codec.encode_outcomes([task._run() for task in unit])
 
 
 def work(source: WorkSource, codec: Codec) -> None:

@@ -67,7 +67,7 @@ from papyros.errors import (
 )
 from papyros.scheduler import Assignment, Scheduler
 from papyros.serialization import PickleCodec
-from papyros.task import Outcome, Task
+from papyros.task import Outcome, Task, TaskBatch
 from papyros.worker import WorkSource, work
 
 __all__ = ["MultiProcessTaskDispatcher"]
@@ -174,18 +174,22 @@ class _WorkerCodec(PickleCodec):
         super().__init__()
         self._source = source
 
-    def decode_unit(self, payload: bytes) -> list[Task]:
+    def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
         try:
-            cls, tasks = self.decode_tasks(payload)
+            unit = super().decode_unit(payload)
         except Exception as exc:
             error = SerializationError(f"the worker could not unpickle a unit of tasks: {exc}")
             error.__cause__ = exc
             return [_Broken(error) for _ in range(self._source.current_ntasks())]
-        if cls is not None:
-            timed = cls.time_limit is not None
+        if isinstance(unit, TaskBatch):
+            if unit.cls.time_limit is None:
+                return unit
+            tasks = list(unit)
         else:
-            timed = any(type(task).time_limit is not None for task in tasks)
-        return [_Timed(task, self._source) for task in tasks] if timed else tasks
+            tasks = unit
+            if all(type(task).time_limit is None for task in tasks):
+                return tasks
+        return [_Timed(task, self._source) for task in tasks]
 
 
 class _PipeWorkSource(WorkSource):

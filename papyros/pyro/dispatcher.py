@@ -253,7 +253,7 @@ class PyroDispatcherProxy(TaskDispatcher):
         return link
 
     def _execute_window(self) -> int:
-        return 1024
+        return 512
 
     def _shutdown(self) -> None:
         with self._lock:
