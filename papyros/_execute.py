@@ -16,9 +16,9 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from itertools import islice, repeat
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from papyros._lifecycle import Closing
 from papyros.errors import TimeoutError
 from papyros.task import Outcome, Task
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["ResultIterator"]
 
 
-class ResultIterator(Iterator[Any]):
+class ResultIterator(Closing, Iterator[Any]):
     """Iterates over the results of ``TaskDispatcher.execute``; see its documentation."""
 
     def __init__(
@@ -98,17 +98,6 @@ class ResultIterator(Iterator[Any]):
         self._done_fifo.clear()
         self._current.clear()
         self._queue.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):

@@ -18,16 +18,14 @@ import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from papyros._deadline import check_size, deadline_after
+from papyros._lifecycle import Closing
 from papyros.errors import ClosedTaskDispatcherError, ClosedTaskQueueError, TimeoutError
 from papyros.task import Outcome, Task
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
-
     from papyros._execute import ResultIterator
     from papyros.config import Config
 
@@ -73,7 +71,7 @@ class _State(enum.Enum):
     CLOSED = "closed"  # close() was called; every call but close() raises
 
 
-class TaskQueue:
+class TaskQueue(Closing):
     """A private channel between one client and the dispatcher.
 
     Made by :meth:`TaskDispatcher.make_queue`, not directly. Each task pushed
@@ -180,17 +178,6 @@ class TaskQueue:
         self._ready.clear()
         self._link.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __del__(self) -> None:
         if getattr(self, "_state", _State.CLOSED) is _State.OPEN:
             self._close_soon()
@@ -236,7 +223,7 @@ def _unwrap(outcome: Outcome) -> Any:
     raise value
 
 
-class TaskDispatcher(ABC):
+class TaskDispatcher(Closing, ABC):
     """Runs tasks on workers; the one interface every backend implements.
 
     Args:
@@ -354,17 +341,6 @@ class TaskDispatcher(ABC):
                 return
             self._state = _State.CLOSED
             self._shutdown()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._state.value}>"

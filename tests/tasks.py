@@ -136,3 +136,21 @@ def limited_sleep(seconds: float, value: Any = None) -> Any:
     """Sleeps; may run for at most 1 s on a backend that enforces time limits."""
     time.sleep(seconds)
     return value
+
+
+# -- for the distributed backend's tests (tests/test_pyro.py)
+
+
+@papyros.Task.subclass()
+def whoami() -> tuple[str, int]:
+    return ("worker", os.getpid())
+
+
+class Boom:
+    """Unpickling this creates the file at ``path``: proof that a pickle was executed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))

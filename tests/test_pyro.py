@@ -23,8 +23,7 @@ import pytest
 
 import papyros
 from tests.pyro_cluster import Cluster, command, environment, read_line, stop
-from tests.pyro_tasks import Boom, kill_my_worker, note_pid_then_sleep, whoami
-from tests.tasks import square
+from tests.tasks import Boom, announce_then_sleep, kill_own_worker, square, whoami
 
 pytestmark = pytest.mark.usefixtures("pyro_cluster")
 
@@ -105,7 +104,7 @@ def test_kill_9_of_a_worker_mid_task_loses_no_result(pyro_cluster: Cluster, tmp_
     with client(pyro_cluster, "fragile") as dispatcher:
         queue = dispatcher.make_queue()
         for i in range(6):
-            queue.push(note_pid_then_sleep(str(started), 0.5, i))
+            queue.push(announce_then_sleep(str(started), 0.5, i))
         wait_until(lambda: pids_in(started), what="a task to start")
         os.kill(pids_in(started)[0], signal.SIGKILL)
         assert sorted(queue.pop(timeout=30) for _ in range(6)) == list(range(6))
@@ -122,7 +121,7 @@ def test_a_stopped_worker_s_units_are_redispatched_and_its_late_result_dropped(
     with client(pyro_cluster, "sleepy") as dispatcher:
         wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="two workers")
         queue = dispatcher.make_queue()
-        queue.push(note_pid_then_sleep(str(started), 1.5, "once"))
+        queue.push(announce_then_sleep(str(started), 1.5, "once"))
         wait_until(lambda: pids_in(started), what="the task to start")
         frozen = pids_in(started)[0]
         os.kill(frozen, signal.SIGSTOP)
@@ -143,7 +142,7 @@ def test_a_poison_task_ends_as_worker_lost(pyro_cluster: Cluster, tmp_path: Path
     pyro_cluster.start_workers("poison", 2)
     attempts = tmp_path / "attempts"
     with client(pyro_cluster, "poison") as dispatcher:
-        results = dispatcher.execute([kill_my_worker(str(attempts)), square(4)], ordered=True)
+        results = dispatcher.execute([kill_own_worker(str(attempts)), square(4)], ordered=True)
         with pytest.raises(papyros.WorkerLostError) as info:
             next(results)
         assert info.value.attempts == 2
