@@ -1,0 +1,35 @@
+"""The task functions of the workloads: plain, module-level, importable by worker processes.
+
+A worker process (papyros's, ``multiprocessing``'s, ``concurrent.futures``'s,
+loky's) finds a task function by its module and name, so the functions live
+here and not in ``run.py``: a spawned child imports this module (``run.py``
+puts ``benchmarks/`` on the children's ``PYTHONPATH``) and never re-runs the
+harness.
+
+This module imports nothing but the standard library, so a peer library's
+worker does not pay for importing papyros when it unpickles a task; the
+papyros Task types, built from these same function objects, are in
+:mod:`papyros_tasks`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["echo", "noop", "spin"]
+
+
+def noop(x: int) -> int:
+    """W1 and W4: no work at all, so only the framework's overhead is measured."""
+    return x
+
+
+def spin(loops: int) -> int:
+    """W2: pure-Python CPU work that holds the GIL; ``loops`` is calibrated to ~10 ms."""
+    total = 0
+    for i in range(loops):
+        total += i
+    return total
+
+
+def echo(payload: bytes) -> bytes:
+    """W3: take a payload and return it, so it crosses the worker boundary both ways."""
+    return payload
