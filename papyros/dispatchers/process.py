@@ -82,10 +82,10 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # How much work, in seconds, a worker is given ahead of what it has finished.
 _PREFETCH_SECONDS = 0.005
 # The fewest and most units a worker holds at once (running, waiting in its pipe). A
-# worker starts with one, and is given a prefetch only once its units prove short: a
-# unit of 5 ms or more hides the round trip by itself, and units that wait in a
-# worker's pipe count as assigned, not as pending within the dispatcher's ``size``.
-_MIN_INFLIGHT = 1
+# worker holds at least two (the one it runs, and the next, so that it never waits a
+# round trip between units), and more once its units prove short. Units that wait in
+# a worker's pipe count as assigned, not as pending within the dispatcher's ``size``.
+_MIN_INFLIGHT = 2
 _MAX_INFLIGHT = 256
 # A worker sends its finished outcomes at least this often while it keeps running units.
 _FLUSH_SECONDS = 0.002
