@@ -46,7 +46,7 @@ __all__ = ["DispatcherDaemon", "DispatcherService"]
 DEFAULT_LEASE = 10.0
 
 # The most units a worker gets in one exchange.
-_MAX_UNITS_PER_WORKER = 16
+_MAX_UNITS_PER_WORKER = 256
 
 
 class _WorkerRecord:

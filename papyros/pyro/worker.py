@@ -33,8 +33,10 @@ from papyros.worker import WorkSource, work
 
 __all__ = ["WorkerOptions", "run_worker", "worker_main"]
 
-# Units a worker asks for at once: the one it runs, and more to hide latency.
-_PREFETCH = 4
+# How much work, in seconds, a worker asks for beyond the unit it runs, to hide the
+# round trip; it asks for at least two units and at most _MAX_WANT.
+_PREFETCH_SECONDS = 0.005
+_MAX_WANT = 256
 
 # Finished outcomes go back at once when a batch has run for this long.
 _FLUSH_AFTER = 0.02
@@ -83,13 +85,23 @@ class _RemoteSource(WorkSource):
         self._worker_id = worker_id
         self._stop = stop
         self._results: list[list[Any]] = []
-        self._batch_started = 0.0
+        self._batch_started = self._flushed_at = 0.0
+        self._batch_size = 0
+        # A running estimate of one unit's time; it starts pessimistic (one unit ahead).
+        self._unit_seconds = _PREFETCH_SECONDS
 
     def take(self) -> list[Assignment]:
+        now = time.monotonic()
+        if self._batch_size:
+            # Learn how long a unit takes here, to ask for about _PREFETCH_SECONDS of them.
+            per_unit = (now - self._batch_started) / self._batch_size
+            self._unit_seconds = (self._unit_seconds + per_unit) / 2
+        want = max(2, min(_MAX_WANT, int(_PREFETCH_SECONDS / max(self._unit_seconds, 1e-6))))
         while not self._stop.is_set():
-            reply = self._exchange(_PREFETCH, LONG_POLL)
+            reply = self._exchange(want, LONG_POLL)
             if reply:
-                self._batch_started = time.monotonic()
+                self._batch_started = self._flushed_at = time.monotonic()
+                self._batch_size = len(reply)
                 return [
                     Assignment(unit_id, attempt, payload, ntasks)
                     for unit_id, attempt, payload, ntasks in reply
@@ -99,9 +111,10 @@ class _RemoteSource(WorkSource):
 
     def finish(self, assignment: Assignment, outcome: Any) -> None:
         self._results.append([assignment.unit_id, assignment.attempt, outcome, assignment.ntasks])
-        if time.monotonic() - self._batch_started > _FLUSH_AFTER:
-            self._exchange(0, 0.0)
-            self._batch_started = time.monotonic()
+        now = time.monotonic()
+        if now - self._flushed_at > _FLUSH_AFTER:
+            self._exchange(0, 0.0)  # A slow batch: hand back what is done so far.
+            self._flushed_at = now
 
     def _exchange(self, want: int, wait: float) -> list[Any]:
         results, self._results = self._results, []
