@@ -102,7 +102,7 @@ def test_import_papyros_is_light() -> None:
     code = (
         "import sys, papyros\n"
         "heavy = [m for m in sys.modules if m.startswith(('Pyro5', 'papyros.dispatchers',"
-        " 'multiprocessing', 'cloudpickle'))]\n"
+        " 'papyros.pyro', 'multiprocessing', 'cloudpickle'))]\n"
         "assert not heavy, heavy\n"
         "import threading; assert threading.active_count() == 1\n"
     )
