@@ -24,8 +24,10 @@ Rules it enforces:
 - queues with pending work are served round-robin, each in FIFO order;
 - a unit carries an attempt number; a completion for any attempt but the
   current one is dropped; a unit whose worker is lost is dispatched again
-  (ahead of its queue's other units) until ``max_attempts`` is reached, and
-  then finishes with a :class:`~papyros.errors.WorkerLostError`;
+  (ahead of its queue's other units); a unit that was running each time its
+  worker was lost, ``max_attempts`` times, finishes with a
+  :class:`~papyros.errors.WorkerLostError` (units that only waited behind it
+  are not blamed);
 - closing a queue cancels its pending units and drops its buffered and late
   results; closing the scheduler wakes every waiter.
 
@@ -55,14 +57,19 @@ __all__ = ["Assignment", "Finished", "Scheduler"]
 class _Unit:
     """A unit of work in the core: one task or a chunk of tasks, as an opaque payload."""
 
-    __slots__ = ("attempt", "id", "ntasks", "payload", "queue", "worker")
+    __slots__ = ("assigned", "attempt", "id", "losses", "ntasks", "payload", "queue", "worker")
 
     def __init__(self, unit_id: int, queue: _Queue, payload: Any, ntasks: int) -> None:
         self.id = unit_id
         self.queue = queue
         self.payload = payload
         self.ntasks = ntasks
+        # Dispatches so far; a completion must name the current one.
         self.attempt = 0
+        # Times a worker died while running it: what max_attempts bounds.
+        self.losses = 0
+        # When it was last assigned (a scheduler-wide sequence): workers run in this order.
+        self.assigned = 0
         self.worker: Hashable | None = None
 
 
@@ -139,8 +146,8 @@ class Scheduler:
     Args:
         size: the most tasks that may wait for assignment; 0 means no bound.
             A unit larger than the bound is accepted when nothing is pending.
-        max_attempts: how many times a unit is dispatched before a lost worker
-            is reported as the unit's outcome.
+        max_attempts: how many times a unit may be running on a worker that
+            dies before that is reported as the unit's outcome.
     """
 
     def __init__(self, size: int = 0, max_attempts: int = 3) -> None:
@@ -166,6 +173,7 @@ class Scheduler:
         # Finalizers only append here: they may run while this thread holds the lock.
         self._orphans: deque[int] = deque()
         self._ids = itertools.count(1)
+        self._assign_seq = itertools.count(1)
         self._closed = False
         self.units_done = 0
 
@@ -310,14 +318,16 @@ class Scheduler:
             taken: list[Assignment] = []
             ring = self._ring
             taken_tasks = 0
+            fair_share = self._pending_tasks / share
             while ring and len(taken) < max_units:
-                if taken and taken_tasks * share >= self._pending_tasks:
+                if taken and taken_tasks >= fair_share:
                     break
                 queue = ring.popleft()
                 unit = queue.pending.popleft()
                 queue.busy_tasks += unit.ntasks
                 self._pending_tasks -= unit.ntasks
                 unit.attempt += 1
+                unit.assigned = next(self._assign_seq)
                 unit.worker = worker
                 self._inflight[unit.id] = unit
                 held.add(unit.id)
@@ -351,40 +361,57 @@ class Scheduler:
             return self._deliver(unit, Finished(unit.id, unit.ntasks, outcome, None))
 
     def worker_lost(
-        self, worker: Hashable, *, exitcode: int | None = None, reason: str = ""
+        self,
+        worker: Hashable,
+        *,
+        exitcode: int | None = None,
+        reason: str = "",
+        blame_running: bool = True,
     ) -> list[int]:
         """Declare a worker dead: re-dispatch its in-flight units, or fail those out of attempts.
+
+        A worker runs its units in the order it was given them, so the oldest
+        unit it holds is the one it was running: only that one is blamed (the
+        loss counts toward ``max_attempts``). The others were only waiting
+        behind it; they go back as they were, ahead of their queues.
 
         Args:
             worker: the worker, as it called :meth:`assign`.
             exitcode: its exit code, or minus the signal that killed it, if known.
             reason: a short description for the error message.
+            blame_running: False when the death is already accounted for (the
+                running unit was completed with its own error): blame no unit.
 
         Returns:
             The ids of the units that were re-queued.
         """
         with self._lock:
             held = self._held.pop(worker, set())
+            units = sorted(
+                (self._inflight[unit_id] for unit_id in held if unit_id in self._inflight),
+                key=lambda unit: unit.assigned,
+            )
             retried = []
-            for unit_id in sorted(held):
-                unit = self._inflight.get(unit_id)
-                if unit is None:
-                    continue
+            # Newest first, so that appendleft() leaves them in their original order.
+            for index in reversed(range(len(units))):
+                unit = units[index]
                 self._release(unit)
                 queue = unit.queue
                 if queue.closed:
                     continue
-                if unit.attempt < self.max_attempts:
+                if index == 0 and blame_running:
+                    unit.losses += 1
+                if unit.losses < self.max_attempts:
                     queue.pending.appendleft(unit)
                     self._pending_tasks += unit.ntasks
                     self._offer(queue)
-                    retried.append(unit_id)
+                    retried.append(unit.id)
                 else:
                     error = WorkerLostError(
-                        _lost_message(worker, exitcode, reason, unit.attempt),
+                        _lost_message(worker, exitcode, reason, unit.losses),
                         worker=worker,
                         exitcode=exitcode,
-                        attempts=unit.attempt,
+                        attempts=unit.losses,
                     )
                     self._deliver(unit, Finished(unit.id, unit.ntasks, None, error))
             return retried

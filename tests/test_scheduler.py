@@ -104,6 +104,22 @@ def test_a_lost_worker_s_units_are_retried_then_fail() -> None:
     assert core.fetch(queue, NOW) == []
 
 
+def test_only_the_running_unit_of_a_lost_worker_is_blamed() -> None:
+    core = Scheduler(max_attempts=1)
+    queue = core.open_queue()
+    core.submit(queue, [("poison", 1), ("innocent", 1), ("bystander", 1)])
+    assert [a.payload for a in core.assign("w1", 3)] == ["poison", "innocent", "bystander"]
+    # The oldest unit a worker holds is the one it was running: only it is blamed.
+    retried = core.worker_lost("w1", exitcode=-9)
+    assert len(retried) == 2
+    [finished] = core.fetch(queue, NOW)
+    assert isinstance(finished.error, WorkerLostError)
+    # The others go back in their order, and may be lost (unblamed) again.
+    assert [a.payload for a in core.assign("w2", 2)] == ["innocent", "bystander"]
+    core.worker_lost("w2", blame_running=False)
+    assert [a.payload for a in core.assign("w3", 2)] == ["innocent", "bystander"]
+
+
 def test_a_stale_attempt_is_dropped_and_the_current_one_delivered() -> None:
     core = Scheduler()
     queue = core.open_queue()

@@ -724,7 +724,9 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             self._scheduler.complete(worker.pid, timer.unit_id, timer.attempt, payload)
             exitcode, reason = None, "was killed because a task ran over its time limit"
         held = len(self._scheduler.held_by(worker.pid))
-        retried = self._scheduler.worker_lost(worker.pid, exitcode=exitcode, reason=reason)
+        retried = self._scheduler.worker_lost(
+            worker.pid, exitcode=exitcode, reason=reason, blame_running=timer is None
+        )
         self._signal_work()
         if timer is not None or held or not (retiring or closing):
             logger.warning(
