@@ -259,19 +259,9 @@ class PyroDispatcherProxy(TaskDispatcher):
         with self._lock:
             links = list(self._links)
             peers = list(self._peers)
-        queue_ids: dict[str, list[int]] = {}
         for link in links:
-            if not link._closed:
-                link._closed = True
-                queue_ids.setdefault(link._incarnation, []).append(link._queue_id)
-        while self._doomed:
-            incarnation, queue_id = self._doomed.popleft()
-            queue_ids.setdefault(incarnation, []).append(queue_id)
-        for incarnation, ids in queue_ids.items():
-            try:
-                self._peer().call("close_queues", incarnation, ids)
-            except PapyrosError:
-                log.debug("could not close queues at shutdown", exc_info=True)
+            link.close_soon()  # Only queues it: closed below, in one call per run.
+        self._flush_doomed()
         for peer in peers:
             peer.transfer_to_current_thread()
             peer.close()
