@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/run.py                          # thread and process backends, full sizes
+    python benchmarks/run.py                          # every backend group, full sizes
+    python benchmarks/run.py --backends pyro          # the distributed backend only
     python benchmarks/run.py --backends thread --quick
     python benchmarks/run.py --workloads W1,W4 --markdown benchmarks/results.md
 
@@ -17,6 +18,9 @@ turn, so that a change in the machine's load hits them all alike::
     thread    MultiThreadedTaskDispatcher(2)     ThreadPoolExecutor(2), a serial loop
     process   MultiProcessTaskDispatcher(2)      multiprocessing.Pool(2), ProcessPoolExecutor(2),
                                                  loky.ProcessPoolExecutor(2)
+    pyro      a deployment on 127.0.0.1: name    Dask distributed (LocalCluster, 2 worker
+              server, dispatcher, workers -n 2,  processes), Parallel Python (pp.Server,
+              and get_dispatcher("pyro") to it   2 local workers)
 
 The workloads (``--quick`` makes them about ten times smaller):
 
@@ -28,30 +32,39 @@ The workloads (``--quick`` makes them about ten times smaller):
 
 Extension point: ``BACKENDS`` maps a backend name to its runners, papyros's
 first; a runner is a :class:`Runner` subclass and makes one row of every table.
-The Pyro backend (against Dask distributed and Parallel Python) is meant to be
-added as one more entry, without touching the harness.
+The Pyro backend (against Dask distributed and Parallel Python) came in as one
+more entry, without touching the harness.
 
 Worker processes find the task functions by name, so they live in
 ``workloads.py`` (plain functions, for the peers) and ``papyros_tasks.py``
 (papyros Task types), never here. Spawned workers re-import this file as their
-main module, so it imports only the standard library at module level (papyros
-and loky are imported when used) and runs nothing outside ``main()``.
+main module, so it imports only the standard library at module level (papyros,
+loky, distributed and pp are imported when used) and runs nothing outside ``main()``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
+import contextlib
 import datetime
 import faulthandler
+import importlib.metadata
 import itertools
 import math
 import multiprocessing
 import os
 import platform
+import queue
+import re
+import secrets
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -436,12 +449,426 @@ class SerialRunner(Runner):
         raise NotApplicable("no pool")
 
 
+# ---------------------------------------------------------------------------- pyro backend
+
+#: The group of the benchmark's own deployment (on its own name server, on an OS-picked port).
+PYRO_GROUP = "bench"
+#: Seconds a deployment command may take to say it is ready, and the workers to join.
+PYRO_READY_TIMEOUT = 60.0
+#: Seconds a deployment command may take to exit after SIGTERM before it is killed.
+PYRO_STOP_TIMEOUT = 10.0
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """Linux: have the kernel send SIGTERM to this child when the harness dies.
+
+    So that a harness ended by ``--timeout`` (which exits at once, running no
+    ``finally``) or killed leaves no deployment behind. Elsewhere, a no-op.
+    """
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL: Callable[..., int] | None = None
+
+
+class _Command:
+    """One ``python -m papyros ...`` command of a deployment, run as a user runs it.
+
+    It runs in a session (process group) of its own, with the harness's
+    working directory and environment; a thread reads its stdout line by line
+    (so the pipe never fills), and its stderr (the logs) goes to a temporary
+    file that error messages quote.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.name = args[0]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (closed by wait_or_kill)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "papyros", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, name=f"stdout of {self.name}", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, deadline: float) -> re.Match[str]:
+        """The first stdout line matching ``pattern``; raises if the command exits or is late."""
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(self._failure(f"printed no {pattern!r} in time")) from None
+            if line is None:
+                self.process.wait()
+                raise RuntimeError(self._failure(f"exited with code {self.process.returncode}"))
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def _failure(self, what: str) -> str:
+        self._stderr.seek(0)
+        log = self._stderr.read().decode(errors="replace").strip().splitlines()[-20:]
+        return f"papyros {self.name} {what}; its last log lines:\n" + "\n".join(log)
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: each command stops like on Ctrl-C
+
+    def wait_or_kill(self, deadline: float) -> None:
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            # Still running, so its process group is still its own: kill the whole group
+            # (a workers command and the worker processes it started).
+            _log(f"papyros {self.name} ignored SIGTERM: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+            self._stderr.close()
+
+
+class PyroDeployment:
+    """A distributed papyros on 127.0.0.1, started with its commands as a user starts it.
+
+    ``python -m papyros nameserver --port 0`` (its port is read from the line
+    it prints when ready), then ``dispatcher --group bench`` (waited for until
+    it prints "ready at"), then ``workers -n N --group bench`` (until it prints
+    "starting N workers"); the dispatcher and the workers find the name server
+    with ``--ns-host 127.0.0.1 --ns-port PORT``. Every command inherits the
+    harness's environment: ``PAPYROS_SECRET`` and a ``PYTHONPATH`` with
+    ``benchmarks/`` on it, so that the worker processes import the task modules.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.ns_port = 0
+        self._commands: list[_Command] = []
+
+    def start(self) -> None:
+        """Start the three commands; returns once the workers command is starting workers."""
+        try:
+            deadline = time.monotonic() + PYRO_READY_TIMEOUT
+            env = dict(os.environ)
+            nameserver = self._run(["nameserver", "--host", "127.0.0.1", "--port", "0"], env)
+            ready = r"ready at PYRO:Pyro\.NameServer@127\.0\.0\.1:(\d+)"
+            self.ns_port = int(nameserver.wait_for(ready, deadline).group(1))
+            where = ["--group", PYRO_GROUP, "--ns-host", "127.0.0.1"]
+            where += ["--ns-port", str(self.ns_port)]
+            dispatcher = self._run(["dispatcher", *where], env)
+            dispatcher.wait_for(r"ready at ", deadline)
+            workers = self._run(["workers", "-n", str(self.workers), *where], env)
+            workers.wait_for(rf"starting {self.workers} workers", deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _run(self, args: list[str], env: dict[str, str]) -> _Command:
+        command = _Command(args, env)
+        self._commands.append(command)
+        return command
+
+    def stop(self) -> None:
+        """SIGTERM to every command (workers first), then SIGKILL to any still running."""
+        commands, self._commands = self._commands[::-1], []
+        for command in commands:
+            command.terminate()
+        deadline = time.monotonic() + PYRO_STOP_TIMEOUT
+        for command in commands:
+            command.wait_or_kill(deadline)
+
+
+class PapyrosPyroRunner(PapyrosRunner):
+    """papyros's Pyro backend: a real deployment on 127.0.0.1, and a client of it.
+
+    The warm pool is a :class:`PyroDeployment` whose workers have all joined
+    (``get_stats()["workers"]``), and the client
+    ``papyros.get_dispatcher("pyro", group="bench", ns_host="127.0.0.1", ns_port=PORT)``.
+    """
+
+    label = "papyros pyro"
+    backend = "pyro"
+    notes: ClassVar[dict[str, str]] = {
+        "W4": "papyros pyro (a): from starting the commands (name server, dispatcher, "
+        "workers, each as its own process, in turn, each waited for until it says it is "
+        "ready) to the first result, through get_dispatcher, make_queue, push and pop.",
+    }
+
+    def check(self) -> None:
+        super().check()
+        global _PRCTL
+        _PRCTL = _load_prctl()
+        # The deployment's shared secret: in the harness's environment, which every command,
+        # and so every worker process, inherits. 32 characters, new for each run.
+        os.environ["PAPYROS_SECRET"] = secrets.token_hex(16)
+
+    def make_dispatcher(self) -> TaskDispatcher:
+        import papyros
+
+        return papyros.get_dispatcher(
+            "pyro", group=PYRO_GROUP, ns_host="127.0.0.1", ns_port=self._deployment.ns_port
+        )
+
+    def start(self) -> None:
+        self._deployment = PyroDeployment(self.settings.workers)
+        self._deployment.start()
+        try:
+            super().start()
+            deadline = time.monotonic() + PYRO_READY_TIMEOUT
+            while len(self._dispatcher.get_stats()["workers"]) < self.settings.workers:  # type: ignore[attr-defined]
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.settings.workers} workers did not all join in time")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            dispatcher = getattr(self, "_dispatcher", None)
+            if dispatcher is not None:
+                dispatcher.close()
+        finally:
+            self._deployment.stop()
+
+    def w4_startup(self) -> float:
+        start = time.perf_counter()
+        deployment = PyroDeployment(self.settings.workers)
+        try:
+            deployment.start()
+            import papyros
+
+            dispatcher = papyros.get_dispatcher(
+                "pyro", group=PYRO_GROUP, ns_host="127.0.0.1", ns_port=deployment.ns_port
+            )
+            try:
+                queue = dispatcher.make_queue()
+                queue.push(self._noop(1))
+                queue.pop()
+                return time.perf_counter() - start
+            finally:
+                dispatcher.close()
+        finally:
+            deployment.stop()
+
+
+class DaskDistributedRunner(Runner):
+    """Dask distributed: ``Client(LocalCluster(...))``, 2 worker processes of 1 thread.
+
+    Everything listens on 127.0.0.1, with no dashboard. Tasks are submitted
+    with ``client.map(f, items, pure=False)`` (``pure=False``: every task is
+    run, none is taken from a cache of earlier results) and gathered with
+    ``as_completed(futures, with_results=True)``.
+    """
+
+    label = "Dask distributed"
+    notes: ClassVar[dict[str, str]] = {
+        "W1": "Dask distributed has no chunksize: at chunksize 1 it runs client.map(noop, "
+        "range(N)) (one Dask task per item, submitted in one batch); at chunksize c, "
+        "client.map(noop_chunk, chunks), where each Dask task runs noop on a list of c "
+        "items and returns the list of their results.",
+    }
+
+    def check(self) -> None:
+        try:
+            import distributed  # noqa: F401
+        except ImportError as exc:
+            raise Unavailable("Dask distributed is not installed: pip install distributed") from exc
+
+    def make_client(self) -> Any:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(
+            n_workers=self.settings.workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,  # no dashboard
+            # The scheduler serves a few HTTP routes (health, metrics) even without a dashboard:
+            # on 127.0.0.1 and an OS-picked port, rather than 8787 (":0" would mean 0.0.0.0).
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        )
+        try:
+            return Client(cluster)
+        except BaseException:
+            cluster.close()
+            raise
+
+    @staticmethod
+    def close_client(client: Any) -> None:
+        cluster = client.cluster
+        try:
+            client.close()
+        finally:
+            cluster.close()
+
+    def start(self) -> None:
+        self._client = self.make_client()
+
+    def stop(self) -> None:
+        self.close_client(self._client)
+
+    def _results(self, function: Callable[..., Any], items: list[Any]) -> Iterable[Any]:
+        from distributed import as_completed
+
+        futures = self._client.map(function, items, pure=False)
+        try:
+            for _, result in as_completed(futures, with_results=True):
+                yield result
+        finally:
+            self._client.cancel(futures)  # Nothing left on the cluster for the next run.
+
+    def w1(self, ntasks: int, chunksize: int) -> int:
+        if chunksize == 1:
+            return sum(self._results(workloads.noop, list(range(ntasks))))
+        chunks = [list(range(i, min(i + chunksize, ntasks))) for i in range(0, ntasks, chunksize)]
+        return sum(itertools.chain.from_iterable(self._results(workloads.noop_chunk, chunks)))
+
+    def w2(self, ntasks: int, loops: int) -> int:
+        return sum(self._results(workloads.spin, [loops] * ntasks))
+
+    def w3(self, ntasks: int, payload: bytes) -> int:
+        return sum(map(len, self._results(workloads.echo, [payload] * ntasks)))
+
+    def w4_startup(self) -> float:
+        start = time.perf_counter()
+        client = self.make_client()
+        try:
+            client.submit(workloads.noop, 1, pure=False).result()
+            return time.perf_counter() - start
+        finally:
+            self.close_client(client)
+
+    def w4_round_trip(self) -> int:
+        return self._client.submit(workloads.noop, 1, pure=False).result()  # type: ignore[no-any-return]
+
+
+#: W1 on Parallel Python: the most jobs submitted and not yet done.
+PP_WINDOW = 1_000
+
+
+class ParallelPythonRunner(Runner):
+    """Parallel Python: ``pp.Server(ncpus=2, ppservers=())``, local worker processes only.
+
+    With no ``ppservers`` it opens no socket: its workers are subprocesses
+    that it talks to over pipes. One ``job_server.submit(f, (x,))`` per task;
+    ``job()`` waits for a job's result.
+    """
+
+    label = "Parallel Python"
+    notes: ClassVar[dict[str, str]] = {
+        "W1": "Parallel Python has no chunksize: at chunksize 1 it submits one job per item; "
+        "at chunksize c, one job per c items, each running noop_chunk (noop on each item, "
+        f"the list of results returned); at most {PP_WINDOW:,} jobs are outstanding at once.",
+    }
+
+    def check(self) -> None:
+        try:
+            import pp  # type: ignore[import-untyped]
+        except ImportError as exc:
+            raise Unavailable("Parallel Python is not installed: pip install pp") from exc
+        if not hasattr(pp, "Server"):
+            raise Unavailable(f"the module pp at {pp.__file__} is not Parallel Python")
+
+    def make_server(self) -> Any:
+        import pp
+
+        # pp.Server adds its working directory and sys.path to $PYTHONPATH, for its workers,
+        # which it starts at once; other runners' processes should not inherit that.
+        python_path = os.environ.get("PYTHONPATH")
+        try:
+            return pp.Server(ncpus=self.settings.workers, ppservers=())
+        finally:
+            if python_path is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = python_path
+
+    def start(self) -> None:
+        self._server = self.make_server()
+
+    def stop(self) -> None:
+        self._server.destroy()
+
+    def w1(self, ntasks: int, chunksize: int) -> int:
+        submit = self._server.submit
+        if chunksize == 1:
+            noop = workloads.noop
+            return sum(self._windowed(submit(noop, (i,)) for i in range(ntasks)))
+        noop_chunk, depends = workloads.noop_chunk, (workloads.noop,)
+        jobs = (
+            submit(noop_chunk, (list(range(i, min(i + chunksize, ntasks))),), depends)
+            for i in range(0, ntasks, chunksize)
+        )
+        return sum(itertools.chain.from_iterable(self._windowed(jobs)))
+
+    @staticmethod
+    def _windowed(jobs: Iterable[Any]) -> Iterable[Any]:
+        """The jobs' results, in order, with at most PP_WINDOW jobs submitted and not yet done.
+
+        Submitting all 100,000 jobs of W1 first makes pp superlinear (a run had not
+        finished submitting after 4 minutes); a window keeps it at its usual rate,
+        as papyros's ``execute`` keeps a window of work in flight.
+        """
+        window: collections.deque[Any] = collections.deque()
+        for job in jobs:
+            window.append(job)
+            if len(window) >= PP_WINDOW:
+                yield window.popleft()()
+        while window:
+            yield window.popleft()()
+
+    def w2(self, ntasks: int, loops: int) -> int:
+        jobs = [self._server.submit(workloads.spin, (loops,)) for _ in range(ntasks)]
+        return sum(job() for job in jobs)
+
+    def w3(self, ntasks: int, payload: bytes) -> int:
+        jobs = [self._server.submit(workloads.echo, (payload,)) for _ in range(ntasks)]
+        return sum(len(job()) for job in jobs)
+
+    def w4_startup(self) -> float:
+        start = time.perf_counter()
+        server = self.make_server()
+        try:
+            server.submit(workloads.noop, (1,))()
+            return time.perf_counter() - start
+        finally:
+            server.destroy()
+
+    def w4_round_trip(self) -> int:
+        return self._server.submit(workloads.noop, (1,))()  # type: ignore[no-any-return]
+
+
 #: The backends, each with its runners: papyros's first, then its peers.
-#: Extension point: the Pyro backend will be one more entry, e.g.
-#: ``"pyro": (PapyrosPyroRunner, DaskDistributedRunner, ParallelPythonRunner)``.
 BACKENDS: dict[str, tuple[type[Runner], ...]] = {
     "thread": (PapyrosThreadRunner, ThreadPoolRunner, SerialRunner),
     "process": (PapyrosProcessRunner, MultiprocessingPoolRunner, ProcessPoolRunner, LokyRunner),
+    "pyro": (PapyrosPyroRunner, DaskDistributedRunner, ParallelPythonRunner),
 }
 
 # ---------------------------------------------------------------------------- workloads
@@ -939,12 +1366,12 @@ def environment(settings: Settings) -> list[tuple[str, str]]:
     versions = [
         f"papyros {papyros.__version__} ({Path(papyros.__file__).parent}, {_papyros_revision()})"
     ]
-    try:
-        import loky
-
-        versions.append(f"loky {loky.__version__}")
-    except ImportError:
-        versions.append("loky not installed")
+    # The peer libraries, and Pyro5 (which the pyro backend runs on), from their metadata.
+    for distribution in ("loky", "Pyro5", "dask", "distributed", "pp"):
+        try:
+            versions.append(f"{distribution} {importlib.metadata.version(distribution)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{distribution} not installed")
     return [
         ("date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
@@ -975,7 +1402,8 @@ def _names(text: str, known: Iterable[str], what: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Time papyros against ThreadPoolExecutor, multiprocessing, "
-        "ProcessPoolExecutor and loky on this machine, and print ratios papyros / peer.",
+        "ProcessPoolExecutor, loky, Dask distributed and Parallel Python on this machine, "
+        "and print ratios papyros / peer.",
     )
     parser.add_argument(
         "--backends",

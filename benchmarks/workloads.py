@@ -14,12 +14,18 @@ papyros Task types, built from these same function objects, are in
 
 from __future__ import annotations
 
-__all__ = ["echo", "noop", "spin"]
+__all__ = ["echo", "noop", "noop_chunk", "spin"]
 
 
 def noop(x: int) -> int:
     """W1 and W4: no work at all, so only the framework's overhead is measured."""
     return x
+
+
+def noop_chunk(items: list[int]) -> list[int]:
+    """W1 at chunksize > 1, for peers without chunking (Dask, Parallel Python): one task runs
+    ``noop`` on each item of a chunk and returns the list of the results."""
+    return [noop(x) for x in items]
 
 
 def spin(loops: int) -> int:
