@@ -692,6 +692,8 @@ class DaskDistributedRunner(Runner):
         "range(N)) (one Dask task per item, submitted in one batch); at chunksize c, "
         "client.map(noop_chunk, chunks), where each Dask task runs noop on a list of c "
         "items and returns the list of their results.",
+        "W4": "Dask distributed: (a) Client(LocalCluster(...)) to the result of "
+        "client.submit(noop, 1); (b) client.submit(noop, 1, pure=False).result().",
     }
 
     def check(self) -> None:
@@ -785,6 +787,8 @@ class ParallelPythonRunner(Runner):
         "W1": "Parallel Python has no chunksize: at chunksize 1 it submits one job per item; "
         "at chunksize c, one job per c items, each running noop_chunk (noop on each item, "
         f"the list of results returned); at most {PP_WINDOW:,} jobs are outstanding at once.",
+        "W4": "Parallel Python: (a) pp.Server(...) to the result of one job; "
+        "(b) job_server.submit(noop, (1,))().",
     }
 
     def check(self) -> None:
