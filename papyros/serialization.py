@@ -207,14 +207,9 @@ class PickleCodec(Codec):
         else:
             body = (None, tasks)
         try:
-            data = pickle.dumps(body, _PROTOCOL)
-        except Exception:
-            data = b""
-        if not data or _by_value_needed(body, data):
-            try:
-                data = _cloudpickle().dumps(body, _PROTOCOL)
-            except Exception as exc:
-                raise SerializationError(_culprit(tasks, exc)) from exc
+            data = _dumps(body)
+        except Exception as exc:
+            raise SerializationError(_culprit(tasks, exc)) from exc
         return data
 
     def _class_ref(self, cls: type[Task], example: Task) -> type | bytes:
@@ -285,16 +280,11 @@ class PickleCodec(Codec):
             ]
         header = len(outcomes).to_bytes(_COUNT_BYTES, "little") + (b"\x01" if failed else b"\x00")
         try:
-            data = pickle.dumps(prepared, _PROTOCOL)
+            data = _dumps(prepared)
         except Exception:
-            data = b""
-        if not data or _by_value_needed(prepared, data):
-            try:
-                data = _cloudpickle().dumps(prepared, _PROTOCOL)
-            except Exception:
-                prepared = [_travel(outcome) for outcome in prepared]
-                data = _cloudpickle().dumps(prepared, _PROTOCOL)
-                header = header[:_COUNT_BYTES] + b"\x01"
+            prepared = [_travel(outcome) for outcome in prepared]
+            data = _cloudpickle().dumps(prepared, _PROTOCOL)
+            header = header[:_COUNT_BYTES] + b"\x01"
         return header + data
 
 
