@@ -31,7 +31,8 @@ import pickle
 import reprlib
 import traceback
 import types
-from operator import attrgetter, itemgetter
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
@@ -50,13 +51,14 @@ _SEARCH_BYTES = 1 << 16
 
 # Outcome payloads start with the unit's task count, so that a unit whose
 # outcomes cannot be unpickled in the client still yields one error per task,
-# then one byte saying whether any task failed (else there is nothing to rebuild).
+# then one byte saying whether any task failed. What follows is the pickle of
+# the list of results when none failed, else of the list of results (None
+# where a task failed) and a dict of the failures by position.
 _COUNT_BYTES = 4
 _HEADER_BYTES = _COUNT_BYTES + 1
 
 _args = attrgetter("args")
 _kwargs = attrgetter("kwargs")
-_ok = itemgetter(0)
 
 _short = reprlib.Repr()
 _short.maxstring = 80
@@ -234,7 +236,7 @@ class PickleCodec(Codec):
 
     def decode_outcomes(self, payload: bytes) -> list[Outcome]:
         try:
-            outcomes: list[Outcome] = pickle.loads(memoryview(payload)[_HEADER_BYTES:])
+            body = pickle.loads(memoryview(payload)[_HEADER_BYTES:])
         except Exception as exc:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             return [
@@ -249,10 +251,11 @@ class PickleCodec(Codec):
                 for _ in range(int.from_bytes(payload[:_COUNT_BYTES], "little"))
             ]
         if not payload[_COUNT_BYTES]:
-            return outcomes
-        for index, (ok, value) in enumerate(outcomes):
-            if not ok and isinstance(value, _Failure):
-                outcomes[index] = (False, value.rebuild())
+            return list(zip(repeat(True), body))
+        values, failures = body
+        outcomes = list(zip(repeat(True), values))
+        for index, failure in failures.items():
+            outcomes[index] = (False, failure.rebuild())
         return outcomes
 
     # ---------------------------------------------------------------- worker side
@@ -272,37 +275,40 @@ class PickleCodec(Codec):
         return TaskBatch(cls, body[1], body[2] if len(body) == 3 else None)
 
     def encode_outcomes(self, outcomes: list[Outcome]) -> bytes:
-        prepared = outcomes
-        failed = not all(map(_ok, outcomes))
-        if failed:
-            prepared = [
-                outcome if outcome[0] else (False, _Failure.of(outcome[1])) for outcome in outcomes
-            ]
-        header = len(outcomes).to_bytes(_COUNT_BYTES, "little") + (b"\x01" if failed else b"\x00")
+        values = [value if ok else None for ok, value in outcomes]
+        errors = {index: value for index, (ok, value) in enumerate(outcomes) if not ok}
+        return self.encode_results(values, errors)
+
+    def encode_results(self, values: list[Any], errors: dict[int, Exception]) -> bytes:
+        failures = {index: _Failure.of(exc) for index, exc in errors.items()}
+        header = len(values).to_bytes(_COUNT_BYTES, "little") + (b"\x01" if failures else b"\x00")
         try:
-            data = _dumps(prepared)
+            data = _dumps((values, failures) if failures else values)
         except Exception:
-            prepared = [_travel(outcome) for outcome in prepared]
-            data = _cloudpickle().dumps(prepared, _PROTOCOL)
+            # Some result cannot travel: it becomes a failure saying why, the rest go on.
+            values = list(values)
+            for index, value in enumerate(values):
+                failure = None if index in failures else _untravelled(value)
+                if failure is not None:
+                    failures[index] = failure
+                    values[index] = None
+            data = _cloudpickle().dumps((values, failures), _PROTOCOL)
             header = header[:_COUNT_BYTES] + b"\x01"
         return header + data
 
 
-def _travel(outcome: Outcome) -> Outcome:
-    """An outcome that can be pickled: itself, or a RemoteTaskError saying why not."""
-    ok, value = outcome
+def _untravelled(result: object) -> _Failure | None:
+    """None if a task's result can be pickled, else the failure that says why it cannot."""
     try:
-        _dumps(value)
-        return outcome
+        _dumps(result)
     except Exception as exc:
-        what = "result" if ok else "exception"
-        failure = _Failure(
+        return _Failure(
             None,
-            _type_name(type(value)),
-            f"the task's {what} could not be pickled to travel back to the client: {exc}",
+            _type_name(type(result)),
+            f"the task's result could not be pickled to travel back to the client: {exc}",
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         )
-        return (False, failure)
+    return None
 
 
 def _culprit(tasks: list[Task], error: Exception) -> str:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import itertools
 import traceback
 from collections.abc import Callable, Iterator
+from itertools import repeat, starmap
 from typing import Any, ClassVar, TypeAlias
 
 from papyros.errors import UnprocessedTaskError
 
-__all__ = ["Outcome", "Task", "TaskBatch"]
+__all__ = ["Outcome", "Results", "Task", "TaskBatch", "outcomes_of"]
 
 #: What running a task produced: ``(True, result)`` or ``(False, exception)``.
 Outcome: TypeAlias = tuple[bool, Any]
+
+#: What running a unit of tasks produced, compactly: every task's result in
+#: order (None where it raised), and the exceptions raised, by position.
+Results: TypeAlias = tuple[list[Any], dict[int, Exception]]
 
 # Marks a task that has not been executed (None is a valid result).
 _UNPROCESSED: Outcome = (False, None)
@@ -53,9 +58,9 @@ class Task:
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({"task_attr", "traceback_attr", "time_limit"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # ``_outcome`` stays unset until the task runs: one store less per task made.
         self.args = args
         self.kwargs = kwargs
-        self._outcome = _UNPROCESSED
 
     def _execute(self, *args: Any, **kwargs: Any) -> Any:
         """Compute the task's result; called with the task's own arguments."""
@@ -71,7 +76,7 @@ class Task:
         Raises:
             UnprocessedTaskError: the task has not been executed.
         """
-        outcome = self._outcome
+        outcome = getattr(self, "_outcome", _UNPROCESSED)
         if outcome is _UNPROCESSED:
             raise UnprocessedTaskError(f"{self!r} has not been executed")
         ok, value = outcome
@@ -102,35 +107,44 @@ class Task:
     @classmethod
     def _run_many(
         cls, args_list: list[tuple[Any, ...]], kwargs_list: list[dict[str, Any]] | None = None
-    ) -> list[Outcome]:
-        """Run a task of this class for each set of arguments; their outcomes, in order.
+    ) -> Results:
+        """Run a task of this class for each set of arguments; their results, in order.
 
         The same as making each task and calling its ``_run``, without making
-        the tasks when the class wraps a plain function (a chunk's fast path).
+        the tasks when the class wraps a plain function (a chunk's fast path:
+        the calls run in a C loop that is resumed after a task that raises).
         """
+        values: list[Any] = []
+        errors: dict[int, Exception] = {}
         function = cls.__dict__.get("function")
         if function is None or cls._execute is not function.__func__:
             kwargs_list = kwargs_list or [{}] * len(args_list)
-            return [
-                cls(*args, **kwargs)._run()
-                for args, kwargs in zip(args_list, kwargs_list, strict=True)
-            ]
+            for index, (args, kwargs) in enumerate(zip(args_list, kwargs_list, strict=True)):
+                ok, value = cls(*args, **kwargs)._run()
+                values.append(value if ok else None)
+                if not ok:
+                    errors[index] = value
+            return values, errors
         execute = function.__func__
-        outcomes: list[Outcome] = []
-        append = outcomes.append
         if kwargs_list is None:
-            for args in args_list:
+            # starmap takes the next arguments on each call, so after a task raised,
+            # extending again goes on with the task after it.
+            calls = starmap(execute, args_list)
+            while True:
                 try:
-                    append((True, execute(*args)))
+                    values.extend(calls)
+                    return values, errors
                 except Exception as exc:
-                    append((False, cls._annotate(exc, args, {})))
-        else:
-            for args, kwargs in zip(args_list, kwargs_list, strict=True):
-                try:
-                    append((True, execute(*args, **kwargs)))
-                except Exception as exc:
-                    append((False, cls._annotate(exc, args, kwargs)))
-        return outcomes
+                    index = len(values)
+                    errors[index] = cls._annotate(exc, args_list[index], {})
+                    values.append(None)
+        for index, (args, kwargs) in enumerate(zip(args_list, kwargs_list, strict=True)):
+            try:
+                values.append(execute(*args, **kwargs))
+            except Exception as exc:
+                errors[index] = cls._annotate(exc, args, kwargs)
+                values.append(None)
+        return values, errors
 
     def __repr__(self) -> str:
         cls = type(self)
@@ -139,7 +153,8 @@ class Task:
         return f"{cls.__module__}.{cls.__qualname__}({', '.join(parts)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        state = None if self._outcome is _UNPROCESSED else self._outcome
+        outcome = getattr(self, "_outcome", _UNPROCESSED)
+        state = None if outcome is _UNPROCESSED else outcome
         if not self.kwargs and state is None:
             return (type(self), self.args)
         return (_rebuild_task, (type(self), self.args, self.kwargs, state))
@@ -228,7 +243,7 @@ class TaskBatch:
         self.args = args
         self.kwargs = kwargs
 
-    def run(self) -> list[Outcome]:
+    def run(self) -> Results:
         return self.cls._run_many(self.args, self.kwargs)
 
     def __len__(self) -> int:
@@ -239,3 +254,11 @@ class TaskBatch:
         if self.kwargs is None:
             return itertools.starmap(cls, self.args)
         return (cls(*args, **kwargs) for args, kwargs in zip(self.args, self.kwargs, strict=True))
+
+
+def outcomes_of(values: list[Any], errors: dict[int, Exception]) -> list[Outcome]:
+    """The outcome of each task, from a unit's compact :data:`Results`."""
+    outcomes = list(zip(repeat(True), values))
+    for index, error in errors.items():
+        outcomes[index] = (False, error)
+    return outcomes

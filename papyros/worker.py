@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from papyros.scheduler import Assignment
-from papyros.task import Outcome, Task, TaskBatch
+from papyros.task import Outcome, Task, TaskBatch, outcomes_of
 
 __all__ = ["Codec", "InProcessCodec", "WorkSource", "run_unit", "work"]
 
@@ -30,6 +30,11 @@ class Codec(ABC):
     @abstractmethod
     def encode_outcomes(self, outcomes: list[Outcome]) -> Any:
         """Worker side: outcomes to their payload; never raises for a bad result."""
+
+    def encode_results(self, values: list[Any], errors: dict[int, Exception]) -> Any:
+        """Worker side: a unit's compact results (see :data:`~papyros.task.Results`) to
+        their payload, which :meth:`decode_outcomes` reads like any other."""
+        return self.encode_outcomes(outcomes_of(values, errors))
 
     @abstractmethod
     def decode_outcomes(self, payload: Any) -> list[Outcome]:
@@ -68,7 +73,7 @@ def run_unit(payload: Any, codec: Codec) -> Any:
     """Run every task of a unit, in order, and return their encoded outcomes."""
     unit = codec.decode_unit(payload)
     if isinstance(unit, TaskBatch):
-        return codec.encode_outcomes(unit.run())
+        return codec.encode_results(*unit.run())
     return codec.encode_outcomes([task._run() for task in unit])
 
 
