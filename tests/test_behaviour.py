@@ -119,6 +119,29 @@ def test_a_failing_task_does_not_break_the_iteration(
         assert values == list(range(0, 50, 2))
 
 
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_loops_and_next_share_one_stream_of_results(
+    dispatcher: papyros.TaskDispatcher, chunksize: int
+) -> None:
+    results = dispatcher.execute(
+        (fail_if_odd(i) for i in range(40)), ordered=True, chunksize=chunksize
+    )
+    seen: list[object] = []
+    while True:
+        try:
+            for value in results:  # A task's exception ends this loop...
+                seen.append(value)
+                if value % 8 == 0:
+                    seen.append(next(results))  # ...never mind: next() is the same stream.
+        except ValueError as exc:
+            seen.append(str(exc))
+            continue  # ...and a new loop goes on after it.
+        break
+    expected = [i if i % 2 == 0 else f"odd: {i}" for i in range(40)]
+    assert seen == expected
+    assert list(results) == []
+
+
 def test_task_and_traceback_attributes_reach_the_client(
     dispatcher: papyros.TaskDispatcher,
 ) -> None:
