@@ -45,8 +45,10 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import multiprocessing.util  # Its exit hook must be registered before ours (see _OPEN).
+import os
 import pickle
 import signal
+import struct
 import threading
 import time
 import weakref
@@ -100,42 +102,74 @@ _MAX_FAILED_STARTS = 3
 
 # ==================================================================== framing
 
-# Payloads larger than this, in all, travel as messages of their own: never copied into one.
-_SEPARATE_BYTES = 1 << 18
-_PREFIX_BYTES = 4
+# A message is a prefix (the lengths of its header and of its payloads in all), the pickled
+# header, and the payloads back to back. Messages whose payloads are smaller than this are
+# joined into one buffer before they are written; larger ones are written straight from
+# where they lie, with no copy (writev).
+_JOIN_BYTES = 1 << 16
+_PREFIX = struct.Struct("<IQ")
+# The most buffers one writev() takes.
+_IOV_MAX = 1024
 
 
 def _send_framed(conn: Connection, header: Any, payloads: list[Any]) -> None:
     """Send a small pickled header and the opaque payloads (units or outcomes) it describes.
 
-    Payloads are never pickled again: small ones follow the header in the same
-    message, large ones go as messages of their own.
+    Payloads are never pickled again, and large ones are never copied: they go
+    from their own buffers to the pipe.
     """
     lengths = [len(payload) for payload in payloads]
-    separate = sum(lengths) > _SEPARATE_BYTES
-    head = pickle.dumps((header, lengths, separate), _PROTOCOL)
-    prefix = len(head).to_bytes(_PREFIX_BYTES, "little")
-    if separate:
-        conn.send_bytes(prefix + head)
-        for payload in payloads:
-            conn.send_bytes(payload)
+    head = pickle.dumps((header, lengths), _PROTOCOL)
+    body = sum(lengths)
+    prefix = _PREFIX.pack(len(head), body)
+    if body < _JOIN_BYTES:
+        _write_all(conn.fileno(), [b"".join([prefix, head, *payloads])])
     else:
-        conn.send_bytes(b"".join([prefix, head, *payloads]))
+        _write_all(conn.fileno(), [prefix, head, *payloads])
+
+
+def _write_all(fd: int, buffers: list[Any]) -> None:
+    """Write every byte of ``buffers``, in order, to ``fd``, however the OS splits the writes."""
+    views = [memoryview(buffer) for buffer in buffers if len(buffer)]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
 
 
 def _recv_framed(conn: Connection) -> tuple[Any, list[Any]]:
-    """Receive what :func:`_send_framed` sent: the header, and the payloads as buffers."""
-    data = conn.recv_bytes()
-    view = memoryview(data)
-    end = _PREFIX_BYTES + int.from_bytes(view[:_PREFIX_BYTES], "little")
-    header, lengths, separate = pickle.loads(view[_PREFIX_BYTES:end])
-    if separate:
-        return header, [conn.recv_bytes() for _ in lengths]
+    """Receive what :func:`_send_framed` sent: the header, and the payloads as buffers.
+
+    The message is read straight into one buffer of its size; the payloads are
+    views of it. Raises EOFError if the pipe is closed between messages.
+    """
+    fd = conn.fileno()
+    head_size, body_size = _PREFIX.unpack(_read_exactly(fd, _PREFIX.size, at_start=True))
+    view = memoryview(_read_exactly(fd, head_size + body_size, at_start=False))
+    header, lengths = pickle.loads(view[:head_size])
     payloads = []
+    end = head_size
     for length in lengths:
         payloads.append(view[end : end + length])
         end += length
     return header, payloads
+
+
+def _read_exactly(fd: int, size: int, *, at_start: bool) -> bytearray:
+    """Read ``size`` bytes from ``fd`` into a new buffer."""
+    data = bytearray(size)
+    view = memoryview(data)
+    done = 0
+    while done < size:
+        count = os.readv(fd, [view[done:]])
+        if not count:
+            if at_start and not done:
+                raise EOFError
+            raise OSError("the pipe closed in the middle of a message")
+        done += count
+    return data
 
 
 # ==================================================================== worker process side
