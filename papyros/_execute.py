@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from papyros._lifecycle import Closing
 from papyros.errors import TimeoutError
-from papyros.task import Outcome, Task
+from papyros.task import Results, Task, outcomes_of
 
 if TYPE_CHECKING:
     from papyros.dispatcher import TaskQueue
@@ -66,18 +66,23 @@ class ResultIterator(Closing, Iterator[Any]):
         # Position of each unit sent and not yet received, by unit id.
         self._sent: dict[int, int] = {}
         # Finished units not yet yielded: by position when ordered, else in finishing order.
-        self._done: dict[int, list[Outcome]] = {}
-        self._done_fifo: deque[list[Outcome]] = deque()
+        self._done: dict[int, Results] = {}
+        self._done_fifo: deque[Results] = deque()
         self._yield_position = 0
-        # Outcomes of the unit being yielded now, in input order, as they are taken.
-        self._current: Iterator[Outcome] = iter(())
+        # The unit being yielded now, in input order, as it is taken: its results
+        # when all of them are plain (``_plain``), else their outcomes, (ok, value).
+        self._current: Iterator[Any] = iter(())
+        self._plain = True
         self._closed = False
 
     def __iter__(self) -> Iterator[Any]:
         return self._results()
 
     def __next__(self) -> Any:
-        for ok, value in self._current:  # Takes one outcome, if the unit has one left.
+        for item in self._current:  # Takes one, if the unit has one left.
+            if self._plain:
+                return item
+            ok, value = item
             if ok:
                 return value
             raise value
@@ -92,10 +97,13 @@ class ResultIterator(Closing, Iterator[Any]):
     def _results(self) -> Iterator[Any]:
         """The results, as ``__next__`` gives them, for loops (see the module's docstring)."""
         while True:
-            for ok, value in self._current:
-                if not ok:
-                    raise value
-                yield value
+            if self._plain:
+                yield from self._current
+            else:
+                for ok, value in self._current:
+                    if not ok:
+                        raise value
+                    yield value
             if self._closed:
                 return
             try:
@@ -131,14 +139,13 @@ class ResultIterator(Closing, Iterator[Any]):
         while True:
             if self._outstanding <= self._refill_at:
                 self._fill(deadline)
-            outcomes = self._take_done()
-            if outcomes is not None:
+            results = self._take_done()
+            if results is not None:
                 self._outstanding -= 1
-                self._current = current = iter(outcomes)
-                ok, value = next(current)  # A unit has at least one task.
-                if ok:
-                    return value
-                raise value
+                values, errors = results
+                self._plain = not errors
+                self._current = iter(values if not errors else outcomes_of(values, errors))
+                return self.__next__()  # A unit has at least one task.
             if not self._sent:
                 if self._unsent:
                     self._send(deadline)
@@ -152,19 +159,19 @@ class ResultIterator(Closing, Iterator[Any]):
             units = self._queue._receive_units(deadline)
             if not units:
                 raise TimeoutError(f"no result within {self._timeout} s")
-            for unit_id, unit_outcomes in units:
+            for unit_id, unit_results in units:
                 position = self._sent.pop(unit_id)
                 if self._ordered:
-                    self._done[position] = unit_outcomes
+                    self._done[position] = unit_results
                 else:
-                    self._done_fifo.append(unit_outcomes)
+                    self._done_fifo.append(unit_results)
 
-    def _take_done(self) -> list[Outcome] | None:
+    def _take_done(self) -> Results | None:
         if self._ordered:
-            outcomes = self._done.pop(self._yield_position, None)
-            if outcomes is not None:
+            results = self._done.pop(self._yield_position, None)
+            if results is not None:
                 self._yield_position += 1
-            return outcomes
+            return results
         return self._done_fifo.popleft() if self._done_fifo else None
 
     def _fill(self, deadline: float | None) -> None:
@@ -203,7 +210,7 @@ class ResultIterator(Closing, Iterator[Any]):
                 self._add_unsent(chunk)
                 chunk = []
             error = TypeError(f"execute() takes Task objects; got {type(item).__name__} {item!r}")
-            self._add_done([(False, error)])
+            self._add_done(([None], {0: error}))
         if chunk:
             self._add_unsent(chunk)
 
@@ -212,11 +219,11 @@ class ResultIterator(Closing, Iterator[Any]):
         self._next_position += 1
         self._outstanding += 1
 
-    def _add_done(self, outcomes: list[Outcome]) -> None:
+    def _add_done(self, results: Results) -> None:
         if self._ordered:
-            self._done[self._next_position] = outcomes
+            self._done[self._next_position] = results
         else:
-            self._done_fifo.append(outcomes)
+            self._done_fifo.append(results)
         self._next_position += 1
         self._outstanding += 1
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from papyros._deadline import check_size, deadline_after
 from papyros._lifecycle import Closing
 from papyros.errors import ClosedTaskDispatcherError, ClosedTaskQueueError, TimeoutError
-from papyros.task import Outcome, Task
+from papyros.task import Outcome, Results, Task, outcomes_of
 
 if TYPE_CHECKING:
     from papyros._execute import ResultIterator
@@ -51,8 +51,8 @@ class QueueLink(ABC):
         """
 
     @abstractmethod
-    def receive(self, deadline: float | None) -> list[tuple[int, list[Outcome]]]:
-        """Return finished units as ``(unit id, outcomes in task order)``.
+    def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
+        """Return finished units as ``(unit id, their results)``.
 
         Waits until ``deadline`` for at least one; returns ``[]`` if it passes.
         """
@@ -194,7 +194,7 @@ class TaskQueue(Closing):
         self._check_open()
         return self._link.send(units, deadline)
 
-    def _receive_units(self, deadline: float | None) -> list[tuple[int, list[Outcome]]]:
+    def _receive_units(self, deadline: float | None) -> list[tuple[int, Results]]:
         self._check_open()
         return self._link.receive(deadline)
 
@@ -207,8 +207,8 @@ class TaskQueue(Closing):
     def _receive(self, deadline: float | None) -> bool:
         """Move finished outcomes into ``_ready``; False if the deadline passed first."""
         units = self._link.receive(deadline)
-        for _, outcomes in units:
-            self._ready.extend(outcomes)
+        for _, (values, errors) in units:
+            self._ready.extend(outcomes_of(values, errors))
         return bool(units)
 
     def _take(self) -> Outcome:

@@ -31,12 +31,11 @@ import pickle
 import reprlib
 import traceback
 import types
-from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
-from papyros.task import Outcome, Task, TaskBatch
+from papyros.task import Results, Task, TaskBatch
 from papyros.worker import Codec
 
 __all__ = ["PickleCodec"]
@@ -234,29 +233,20 @@ class PickleCodec(Codec):
         self._class_refs[cls] = ref
         return ref
 
-    def decode_outcomes(self, payload: bytes) -> list[Outcome]:
+    def decode_results(self, payload: bytes) -> Results:
         try:
             body = pickle.loads(memoryview(payload)[_HEADER_BYTES:])
         except Exception as exc:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            return [
-                (
-                    False,
-                    RemoteTaskError(
-                        type(exc).__name__,
-                        f"the outcome of this task could not be unpickled in the client: {exc}",
-                        text,
-                    ),
-                )
-                for _ in range(int.from_bytes(payload[:_COUNT_BYTES], "little"))
-            ]
+            ntasks = int.from_bytes(payload[:_COUNT_BYTES], "little")
+            message = f"the outcome of this task could not be unpickled in the client: {exc}"
+            return [None] * ntasks, {
+                index: RemoteTaskError(type(exc).__name__, message, text) for index in range(ntasks)
+            }
         if not payload[_COUNT_BYTES]:
-            return list(zip(repeat(True), body))
+            return body, {}
         values, failures = body
-        outcomes = list(zip(repeat(True), values))
-        for index, failure in failures.items():
-            outcomes[index] = (False, failure.rebuild())
-        return outcomes
+        return values, {index: failure.rebuild() for index, failure in failures.items()}
 
     # ---------------------------------------------------------------- worker side
 
@@ -274,12 +264,7 @@ class PickleCodec(Codec):
             cls = ref
         return TaskBatch(cls, body[1], body[2] if len(body) == 3 else None)
 
-    def encode_outcomes(self, outcomes: list[Outcome]) -> bytes:
-        values = [value if ok else None for ok, value in outcomes]
-        errors = {index: value for index, (ok, value) in enumerate(outcomes) if not ok}
-        return self.encode_results(values, errors)
-
-    def encode_results(self, values: list[Any], errors: dict[int, Exception]) -> bytes:
+    def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> bytes:
         failures = {index: _Failure.of(exc) for index, exc in errors.items()}
         header = len(values).to_bytes(_COUNT_BYTES, "little") + (b"\x01" if failures else b"\x00")
         try:

@@ -17,7 +17,7 @@ Outcome: TypeAlias = tuple[bool, Any]
 
 #: What running a unit of tasks produced, compactly: every task's result in
 #: order (None where it raised), and the exceptions raised, by position.
-Results: TypeAlias = tuple[list[Any], dict[int, Exception]]
+Results: TypeAlias = tuple[list[Any], dict[int, BaseException]]
 
 # Marks a task that has not been executed (None is a valid result).
 _UNPROCESSED: Outcome = (False, None)
@@ -115,7 +115,7 @@ class Task:
         the calls run in a C loop that is resumed after a task that raises).
         """
         values: list[Any] = []
-        errors: dict[int, Exception] = {}
+        errors: dict[int, BaseException] = {}
         function = cls.__dict__.get("function")
         if function is None or cls._execute is not function.__func__:
             kwargs_list = kwargs_list or [{}] * len(args_list)
@@ -256,7 +256,7 @@ class TaskBatch:
         return (cls(*args, **kwargs) for args, kwargs in zip(self.args, self.kwargs, strict=True))
 
 
-def outcomes_of(values: list[Any], errors: dict[int, Exception]) -> list[Outcome]:
+def outcomes_of(values: list[Any], errors: dict[int, BaseException]) -> list[Outcome]:
     """The outcome of each task, from a unit's compact :data:`Results`."""
     outcomes = list(zip(repeat(True), values))
     for index, error in errors.items():

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from papyros.scheduler import Assignment
-from papyros.task import Outcome, Task, TaskBatch, outcomes_of
+from papyros.task import Outcome, Results, Task, TaskBatch
 
 __all__ = ["Codec", "InProcessCodec", "WorkSource", "run_unit", "work"]
 
@@ -28,17 +28,19 @@ class Codec(ABC):
         """Worker side: a payload back to tasks (or a batch of them, to run as one)."""
 
     @abstractmethod
-    def encode_outcomes(self, outcomes: list[Outcome]) -> Any:
-        """Worker side: outcomes to their payload; never raises for a bad result."""
+    def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> Any:
+        """Worker side: a unit's results (see :data:`~papyros.task.Results`) to their
+        payload; never raises for a bad result."""
 
-    def encode_results(self, values: list[Any], errors: dict[int, Exception]) -> Any:
-        """Worker side: a unit's compact results (see :data:`~papyros.task.Results`) to
-        their payload, which :meth:`decode_outcomes` reads like any other."""
-        return self.encode_outcomes(outcomes_of(values, errors))
+    def encode_outcomes(self, outcomes: list[Outcome]) -> Any:
+        """Worker side: the outcome of each task of a unit to their payload."""
+        values = [value if ok else None for ok, value in outcomes]
+        errors = {index: value for index, (ok, value) in enumerate(outcomes) if not ok}
+        return self.encode_results(values, errors)
 
     @abstractmethod
-    def decode_outcomes(self, payload: Any) -> list[Outcome]:
-        """Client side: a payload back to outcomes."""
+    def decode_results(self, payload: Any) -> Results:
+        """Client side: a payload back to the unit's results."""
 
 
 class InProcessCodec(Codec):
@@ -50,10 +52,10 @@ class InProcessCodec(Codec):
     def decode_unit(self, payload: Any) -> list[Task]:
         return payload  # type: ignore[no-any-return]
 
-    def encode_outcomes(self, outcomes: list[Outcome]) -> Any:
-        return outcomes
+    def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> Any:
+        return values, errors
 
-    def decode_outcomes(self, payload: Any) -> list[Outcome]:
+    def decode_results(self, payload: Any) -> Results:
         return payload  # type: ignore[no-any-return]
 
 

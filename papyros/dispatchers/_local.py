@@ -11,7 +11,7 @@ from papyros._deadline import check_size
 from papyros.dispatcher import QueueLink, TaskDispatcher
 from papyros.errors import ClosedTaskDispatcherError
 from papyros.scheduler import Assignment, Scheduler
-from papyros.task import Outcome, Task
+from papyros.task import Results, Task
 from papyros.worker import Codec, WorkSource
 
 __all__ = ["CoreDispatcher", "CoreQueueLink", "CoreWorkSource", "available_cpus", "resolve_workers"]
@@ -44,16 +44,17 @@ class CoreQueueLink(QueueLink):
         encoded = [(encode(tasks), len(tasks)) for tasks in units]
         return self._scheduler.submit(self._queue_id, encoded, deadline)
 
-    def receive(self, deadline: float | None) -> list[tuple[int, list[Outcome]]]:
-        decode = self._codec.decode_outcomes
-        received = []
+    def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
+        decode = self._codec.decode_results
+        received: list[tuple[int, Results]] = []
         for entry in self._scheduler.fetch(self._queue_id, deadline):
             if entry.error is None:
                 received.append((entry.unit_id, decode(entry.outcome)))
             else:
                 # The whole unit failed (its worker was lost): each task gets its own copy.
-                outcomes = [(False, copy.copy(entry.error)) for _ in range(entry.ntasks)]
-                received.append((entry.unit_id, outcomes))
+                error = entry.error
+                errors = {index: copy.copy(error) for index in range(entry.ntasks)}
+                received.append((entry.unit_id, ([None] * entry.ntasks, errors)))
         return received
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from papyros.dispatcher import QueueLink
 from papyros.dispatchers._local import CoreDispatcher, CoreQueueLink
 from papyros.errors import ClosedTaskDispatcherError
 from papyros.scheduler import Scheduler
-from papyros.task import Outcome, Task
+from papyros.task import Results, Task
 from papyros.worker import Codec, InProcessCodec, run_unit
 
 __all__ = ["DummyTaskDispatcher"]
@@ -36,7 +36,7 @@ class _InlineLink(CoreQueueLink):
                 if not self._run_pending():
                     return super().send(units, deadline)
 
-    def receive(self, deadline: float | None) -> list[tuple[int, list[Outcome]]]:
+    def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
         received = super().receive(0.0)
         while not received and self._run_pending():
             received = super().receive(0.0)

@@ -69,7 +69,7 @@ from papyros.errors import (
 )
 from papyros.scheduler import Assignment, Scheduler
 from papyros.serialization import PickleCodec
-from papyros.task import Outcome, Task, TaskBatch
+from papyros.task import Outcome, Results, Task, TaskBatch
 from papyros.worker import WorkSource, work
 
 __all__ = ["MultiProcessTaskDispatcher"]
@@ -399,7 +399,7 @@ class _ProcessLink(CoreQueueLink):
         self._signal_work()
         return ids
 
-    def receive(self, deadline: float | None) -> list[tuple[int, list[Outcome]]]:
+    def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
         received = super().receive(deadline)
         if self._bounded and received:
             self._signal_work()  # Fetching made room for the queue's held-back units.

@@ -54,7 +54,7 @@ from papyros.pyro.server import (
     unregister_from_name_server,
 )
 from papyros.serialization import PickleCodec
-from papyros.task import Outcome, Task
+from papyros.task import Results, Task
 
 __all__ = ["PyroDispatcherProxy", "PyroTaskDispatcher"]
 
@@ -334,7 +334,7 @@ class RemoteQueueLink(QueueLink):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(str(exc)) from None
 
-    def receive(self, deadline: float | None) -> list[tuple[int, list[Outcome]]]:
+    def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
         while True:
             wait = _wait_for(deadline)
             try:
@@ -350,13 +350,14 @@ class RemoteQueueLink(QueueLink):
             if deadline is not None and time.monotonic() >= deadline:
                 return []
 
-    def _decode(self, entry: list[Any]) -> tuple[int, list[Outcome]]:
+    def _decode(self, entry: list[Any]) -> tuple[int, Results]:
         unit_id, ntasks, outcome, error = entry
         if error is None:
-            return int(unit_id), self._codec.decode_outcomes(outcome)
+            return int(unit_id), self._codec.decode_results(outcome)
         message, worker, exitcode, attempts = error
         lost = WorkerLostError(message, worker=worker, exitcode=exitcode, attempts=attempts)
-        return int(unit_id), [(False, copy.copy(lost)) for _ in range(ntasks)]
+        errors: dict[int, BaseException] = {index: copy.copy(lost) for index in range(ntasks)}
+        return int(unit_id), ([None] * ntasks, errors)
 
     def close(self) -> None:
         if self._closed:
