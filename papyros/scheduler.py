@@ -259,12 +259,19 @@ class Scheduler:
             return ids
 
     def fetch(
-        self, queue_id: int, deadline: float | None = None, max_units: int = 0
+        self,
+        queue_id: int,
+        deadline: float | None = None,
+        max_units: int = 0,
+        *,
+        max_bytes: int = 0,
     ) -> list[Finished]:
         """Take finished units of a queue, oldest first, waiting until ``deadline`` for one.
 
         Returns:
-            Up to ``max_units`` (0: all) finished units; ``[]`` if the deadline passed.
+            Up to ``max_units`` (0: all) finished units, and no more than
+            ``max_bytes`` (0: no bound) of outcomes that are bytes, but at
+            least one; ``[]`` if the deadline passed.
 
         Raises:
             ClosedTaskQueueError, ClosedTaskDispatcherError.
@@ -276,7 +283,17 @@ class Scheduler:
                     return []
                 queue = self._live_queue(queue_id)
             finished = queue.finished
-            if max_units <= 0 or max_units >= len(finished):
+            if max_units <= 0 or max_units > len(finished):
+                max_units = len(finished)
+            if max_bytes:
+                taken = [finished.popleft()]
+                size = _size(taken[0].outcome)
+                while len(taken) < max_units:
+                    size += _size(finished[0].outcome)
+                    if size > max_bytes:
+                        break
+                    taken.append(finished.popleft())
+            elif max_units == len(finished):
                 taken = list(finished)
                 finished.clear()
             else:
@@ -294,12 +311,15 @@ class Scheduler:
         deadline: float | None = None,
         *,
         share: int = 1,
+        max_bytes: int = 0,
     ) -> list[Assignment]:
         """Hand up to ``max_units`` pending units to ``worker``, waiting for one until ``deadline``.
 
         With ``share`` workers sharing the work, a worker takes no more than
         its fair share (a ``1/share`` part) of the tasks pending, and at least
         one unit: large batches while there is plenty, single units at the end.
+        Nor does it take more than ``max_bytes`` (0: no bound) of payloads
+        that are bytes, beyond its first unit.
 
         Returns:
             The assignments; ``[]`` if the deadline passed with nothing to assign.
@@ -317,11 +337,15 @@ class Scheduler:
             held = self._held.setdefault(worker, set())
             taken: list[Assignment] = []
             ring = self._ring
-            taken_tasks = 0
+            taken_tasks = taken_bytes = 0
             fair_share = self._pending_tasks / share
             while ring and len(taken) < max_units:
                 if taken and taken_tasks >= fair_share:
                     break
+                if max_bytes:
+                    taken_bytes += _size(ring[0].pending[0].payload)
+                    if taken and taken_bytes > max_bytes:
+                        break
                 queue = ring.popleft()
                 unit = queue.pending.popleft()
                 queue.busy_tasks += unit.ntasks
@@ -519,6 +543,11 @@ class Scheduler:
     def _reap_orphans(self) -> None:
         while self._orphans:
             self._close_queue(self._orphans.popleft())
+
+
+def _size(payload: Any) -> int:
+    """The size of a payload or outcome that is bytes; 0 for anything else."""
+    return len(payload) if isinstance(payload, (bytes, bytearray)) else 0
 
 
 def _lost_message(worker: Hashable, exitcode: int | None, reason: str, attempts: int) -> str:

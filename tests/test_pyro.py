@@ -23,7 +23,7 @@ import pytest
 
 import papyros
 from tests.pyro_cluster import Cluster, command, environment, read_line, stop
-from tests.tasks import Boom, announce_then_sleep, kill_own_worker, square, whoami
+from tests.tasks import Boom, announce_then_sleep, identity, kill_own_worker, square, whoami
 
 pytestmark = pytest.mark.usefixtures("pyro_cluster")
 
@@ -293,6 +293,21 @@ def _one_line_failure(done: subprocess.CompletedProcess[str], *words: str) -> No
     assert len(lines) == 1, done.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def test_big_batches_travel_in_calls_of_bounded_size(pyro_cluster: Cluster) -> None:
+    # 24 MB each way, through a dispatcher that refuses any message over 6 MB: every
+    # submit, assignment, result hand-back and fetch must be split into smaller calls.
+    pyro_cluster.start_dispatcher("bulk", "--max-message-size", str(6_000_000))
+    pyro_cluster.start_workers("bulk", 2)
+    payloads = [bytes([i]) * 1_000_000 for i in range(24)]
+    with client(pyro_cluster, "bulk") as dispatcher:
+        results = list(dispatcher.execute((identity(p) for p in payloads), ordered=True))
+        assert results == payloads
+        with dispatcher.make_queue() as queue:
+            for payload in payloads:
+                queue.push(identity(payload))
+            assert sorted(queue.pop(30) for _ in payloads) == payloads
 
 
 def test_bad_worker_counts_fail_in_one_line() -> None:

@@ -176,6 +176,26 @@ def test_assign_takes_a_fair_share_of_the_pending_work() -> None:
     core.close()
 
 
+def test_assign_and_fetch_bound_the_bytes_they_take_but_take_one_unit_at_least() -> None:
+    core = Scheduler()
+    queue = core.open_queue()
+    core.submit(queue, [(bytes(40), 1), (bytes(40), 1), (bytes(40), 1), (bytes(200), 1)])
+    assert [len(a.payload) for a in core.assign("w", max_units=8, deadline=NOW, max_bytes=100)] == [
+        40,
+        40,
+    ]
+    assert len(core.assign("w", max_units=8, deadline=NOW, max_bytes=100)) == 1
+    [big] = core.assign("w", max_units=8, deadline=NOW, max_bytes=100)
+    assert len(big.payload) == 200
+    for assignment in core.held_by("w"):
+        core.complete("w", assignment, 1, bytes(60))
+    assert len(core.fetch(queue, NOW, max_bytes=100)) == 1
+    assert len(core.fetch(queue, NOW, max_bytes=150)) == 2
+    assert len(core.fetch(queue, NOW, max_bytes=100)) == 1
+    assert core.fetch(queue, NOW, max_bytes=100) == []
+    core.close()
+
+
 def test_close_wakes_every_waiter() -> None:
     core = Scheduler(size=1)
     queue = core.open_queue()

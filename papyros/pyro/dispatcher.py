@@ -40,6 +40,7 @@ from papyros.errors import (
     WorkerLostError,
 )
 from papyros.pyro._common import (
+    CALL_BYTES,
     LONG_POLL,
     Peer,
     configure_pyro,
@@ -319,11 +320,26 @@ class RemoteQueueLink(QueueLink):
     def send(self, units: list[list[Task]], deadline: float | None) -> list[int]:
         encode = self._codec.encode_unit
         encoded = [[encode(tasks), len(tasks)] for tasks in units]
+        accepted: list[int] = []
+        for batch in _batches(encoded):
+            try:
+                # Only the first call waits for room: the contract is a prefix, never empty.
+                ids = self._submit(batch, time.monotonic() if accepted else deadline)
+            except TimeoutError:
+                if accepted:
+                    break
+                raise
+            accepted += ids
+            if len(ids) < len(batch):
+                break
+        return accepted
+
+    def _submit(self, units: list[list[Any]], deadline: float | None) -> list[int]:
         while True:
             wait = _wait_for(deadline)
             try:
                 ids = self._dispatcher._call(
-                    "submit", self._incarnation, self._queue_id, encoded, wait, wait=wait
+                    "submit", self._incarnation, self._queue_id, units, wait, wait=wait
                 )
                 return [int(unit_id) for unit_id in ids]
             except LookupError as exc:
@@ -372,6 +388,19 @@ class RemoteQueueLink(QueueLink):
         if not self._closed:
             self._closed = True
             self._dispatcher._doomed.append((self._incarnation, self._queue_id))
+
+
+def _batches(units: list[list[Any]]) -> list[list[list[Any]]]:
+    """Encoded units in runs of about CALL_BYTES, one call each (at least one unit per run)."""
+    batches: list[list[list[Any]]] = []
+    size = CALL_BYTES
+    for unit in units:
+        size += len(unit[0])
+        if size > CALL_BYTES:
+            batches.append([])
+            size = len(unit[0])
+        batches[-1].append(unit)
+    return batches
 
 
 def _wait_for(deadline: float | None) -> float:

@@ -37,7 +37,7 @@ from papyros.errors import (
     WorkerLostError,
 )
 from papyros.errors import TimeoutError as PapyrosTimeoutError
-from papyros.pyro._common import LONG_POLL, dispatcher_name, locate_ns, log
+from papyros.pyro._common import CALL_BYTES, LONG_POLL, dispatcher_name, locate_ns, log
 from papyros.scheduler import Scheduler
 
 __all__ = ["DispatcherDaemon", "DispatcherService"]
@@ -155,7 +155,7 @@ class DispatcherService:
     def fetch(self, incarnation: str, queue_id: int, wait: float) -> list[Any]:
         self._check_owner(_peer("client"), incarnation, queue_id)
         deadline = time.monotonic() + max(0.0, min(float(wait), LONG_POLL))
-        entries = self._call(self._scheduler.fetch, queue_id, deadline)
+        entries = self._call(self._scheduler.fetch, queue_id, deadline, max_bytes=CALL_BYTES)
         fetched = []
         for entry in entries:
             error = None
@@ -235,6 +235,7 @@ class DispatcherService:
                 min(int(want), _MAX_UNITS_PER_WORKER),
                 deadline,
                 share=max(1, len(self._workers)),
+                max_bytes=CALL_BYTES,
             )
         except ClosedTaskDispatcherError:
             raise RuntimeError("the dispatcher is shutting down") from None
@@ -316,9 +317,9 @@ class DispatcherService:
                 "the dispatcher was restarted and lost this queue; its tasks must be pushed again"
             )
 
-    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return method(*args)
+            return method(*args, **kwargs)
         except ClosedTaskQueueError as exc:
             raise LookupError(str(exc)) from None
         except ClosedTaskDispatcherError as exc:

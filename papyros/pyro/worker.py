@@ -25,7 +25,15 @@ from typing import Any
 
 from papyros._auth import load_secret
 from papyros.errors import AuthenticationError, PapyrosError
-from papyros.pyro._common import LONG_POLL, Peer, configure_pyro, locate_dispatcher, log, this_host
+from papyros.pyro._common import (
+    CALL_BYTES,
+    LONG_POLL,
+    Peer,
+    configure_pyro,
+    locate_dispatcher,
+    log,
+    this_host,
+)
 from papyros.pyro.server import DEFAULT_LEASE
 from papyros.scheduler import Assignment
 from papyros.serialization import PickleCodec
@@ -85,6 +93,7 @@ class _RemoteSource(WorkSource):
         self._worker_id = worker_id
         self._stop = stop
         self._results: list[list[Any]] = []
+        self._results_bytes = 0
         self._batch_started = self._flushed_at = 0.0
         self._batch_size = 0
         # A running estimate of one unit's time; it starts pessimistic (one unit ahead).
@@ -111,13 +120,16 @@ class _RemoteSource(WorkSource):
 
     def finish(self, assignment: Assignment, outcome: Any) -> None:
         self._results.append([assignment.unit_id, assignment.attempt, outcome, assignment.ntasks])
+        self._results_bytes += len(outcome)
         now = time.monotonic()
-        if now - self._flushed_at > _FLUSH_AFTER:
-            self._exchange(0, 0.0)  # A slow batch: hand back what is done so far.
+        if now - self._flushed_at > _FLUSH_AFTER or self._results_bytes >= CALL_BYTES:
+            # A slow batch, or big outcomes: hand back what is done so far.
+            self._exchange(0, 0.0)
             self._flushed_at = now
 
     def _exchange(self, want: int, wait: float) -> list[Any]:
         results, self._results = self._results, []
+        self._results_bytes = 0
         reply: list[Any] = self._peer.call(
             "exchange", self._worker_id, results, want, wait, wait=wait
         )
