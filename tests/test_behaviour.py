@@ -142,14 +142,23 @@ def test_loops_and_next_share_one_stream_of_results(
     assert list(results) == []
 
 
+@pytest.mark.parametrize("chunksize", [1, 5])
 def test_task_and_traceback_attributes_reach_the_client(
-    dispatcher: papyros.TaskDispatcher,
+    dispatcher: papyros.TaskDispatcher, chunksize: int
 ) -> None:
+    # In a chunk, the failing task sits between others that run after it too.
+    tasks = [identity(1), identity(2), annotated_failure(7), identity(3), identity(4)]
+    results = dispatcher.execute(tasks, ordered=True, chunksize=chunksize)
+    assert [next(results), next(results)] == [1, 2]
     with pytest.raises(KeyError) as info:
-        next(dispatcher.execute([annotated_failure(7)]))
+        next(results)
+    assert list(results) == [3, 4]
     assert repr(info.value.task) == repr(annotated_failure(7))  # type: ignore[attr-defined]
-    assert "annotated_failure" in info.value.traceback  # type: ignore[attr-defined]
-    assert "KeyError: 7" in info.value.traceback  # type: ignore[attr-defined]
+    traceback = info.value.traceback  # type: ignore[attr-defined]
+    assert "annotated_failure" in traceback
+    assert "KeyError: 7" in traceback
+    # It starts in the task's own code: the frame of papyros's that ran it is not shown.
+    assert ", in _run" not in traceback
 
 
 def test_queue_pop_reraises_the_task_exception(dispatcher: papyros.TaskDispatcher) -> None:
