@@ -128,8 +128,10 @@ def _stop_on_sigterm() -> None:
 def run_dispatcher(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_file)
     try:
+        from papyros.pyro._common import keep_freed_buffers
         from papyros.pyro.dispatcher import PyroTaskDispatcher
 
+        keep_freed_buffers()
         dispatcher = PyroTaskDispatcher(
             args.size,
             group=args.group,

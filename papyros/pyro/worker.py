@@ -30,6 +30,7 @@ from papyros.pyro._common import (
     LONG_POLL,
     Peer,
     configure_pyro,
+    keep_freed_buffers,
     locate_dispatcher,
     log,
     this_host,
@@ -194,6 +195,7 @@ def worker_main(options: WorkerOptions) -> None:
     from papyros.cli._logging import setup_logging
 
     setup_logging(options.log_level, options.log_file)
+    keep_freed_buffers()
     # Ctrl-C goes to the whole process group: the manager decides, workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_now)
