@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,12 +19,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 import papyros
-from papyros.dispatchers.process import MultiProcessTaskDispatcher
+from papyros.dispatchers.process import MultiProcessTaskDispatcher, _recv_framed, _send_framed
 from tests.tasks import (
     announce_then_sleep,
     call,
@@ -364,3 +366,46 @@ def test_a_task_over_its_time_limit_is_killed_and_times_out(make: Factory) -> No
     assert list(results) == list(range(10))
     assert time.monotonic() - start < 20
     assert len(worker_pids()) == 2  # The killed worker was replaced.
+
+
+# ------------------------------------------------------------ pipes
+
+
+def test_large_and_small_payloads_cross_both_ways_intact(make: Factory) -> None:
+    dispatcher = make(2)
+    sizes = [0, 1, 65_535, 65_536, 1 << 20, (3 << 20) + 7] * 3
+    payloads = [os.urandom(size) for size in sizes]
+    for chunksize in (1, 4):
+        results = dispatcher.execute(
+            (identity(payload) for payload in payloads), ordered=True, chunksize=chunksize
+        )
+        assert list(results) == payloads
+
+
+@pytest.mark.parametrize("writes", ["whole", "partial"])
+def test_a_message_of_more_buffers_than_one_write_takes_arrives_whole(
+    writes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if writes == "partial":  # As when a signal interrupts a write: the rest must follow.
+        writev = os.writev
+        monkeypatch.setattr(
+            os, "writev", lambda fd, buffers: writev(fd, [b"".join(buffers)[:70_001]])
+        )
+    payloads = [os.urandom(size) for size in (0, 1, 100, 70_000)] * 300  # 1,200 buffers, 21 MB.
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    received: list[tuple[Any, list[Any]]] = []
+    # The pipe holds far less than the message: a thread must read while this one writes.
+    thread = threading.Thread(target=lambda: received.append(_recv_framed(reader)))
+    thread.start()
+    _send_framed(writer, ("header", 3), payloads)
+    _send_framed(writer, "small", [b"a", b"", b"bc"])
+    thread.join()
+    header, got = received[0]
+    assert header == ("header", 3)
+    assert [bytes(payload) for payload in got] == payloads
+    header, got = _recv_framed(reader)
+    assert (header, [bytes(payload) for payload in got]) == ("small", [b"a", b"", b"bc"])
+    writer.close()
+    with pytest.raises(EOFError):
+        _recv_framed(reader)
+    reader.close()

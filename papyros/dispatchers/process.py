@@ -110,6 +110,8 @@ _JOIN_BYTES = 1 << 16
 _PREFIX = struct.Struct("<IQ")
 # The most buffers one writev() takes.
 _IOV_MAX = 1024
+# Where pipes are not file descriptors (Windows), a message is one Connection message.
+_FD_PIPES = hasattr(os, "writev")
 
 
 def _send_framed(conn: Connection, header: Any, payloads: list[Any]) -> None:
@@ -122,7 +124,9 @@ def _send_framed(conn: Connection, header: Any, payloads: list[Any]) -> None:
     head = pickle.dumps((header, lengths), _PROTOCOL)
     body = sum(lengths)
     prefix = _PREFIX.pack(len(head), body)
-    if body < _JOIN_BYTES:
+    if not _FD_PIPES:
+        conn.send_bytes(b"".join([prefix, head, *payloads]))
+    elif body < _JOIN_BYTES:
         _write_all(conn.fileno(), [b"".join([prefix, head, *payloads])])
     else:
         _write_all(conn.fileno(), [prefix, head, *payloads])
@@ -145,9 +149,14 @@ def _recv_framed(conn: Connection) -> tuple[Any, list[Any]]:
     The message is read straight into one buffer of its size; the payloads are
     views of it. Raises EOFError if the pipe is closed between messages.
     """
-    fd = conn.fileno()
-    head_size, body_size = _PREFIX.unpack(_read_exactly(fd, _PREFIX.size, at_start=True))
-    view = memoryview(_read_exactly(fd, head_size + body_size, at_start=False))
+    if _FD_PIPES:
+        fd = conn.fileno()
+        head_size, body_size = _PREFIX.unpack(_read_exactly(fd, _PREFIX.size, at_start=True))
+        view = memoryview(_read_exactly(fd, head_size + body_size, at_start=False))
+    else:
+        message = memoryview(conn.recv_bytes())
+        head_size, _body_size = _PREFIX.unpack(message[: _PREFIX.size])
+        view = message[_PREFIX.size :]
     header, lengths = pickle.loads(view[:head_size])
     payloads = []
     end = head_size
