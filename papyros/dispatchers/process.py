@@ -604,7 +604,10 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
         with self._lock:
             self._work_seq += 1
             for worker in self._workers.values():
-                worker.wakeup.notify()
+                # A feeder whose worker is full would only wake to wait again; the reader
+                # wakes it when its worker makes room, and it sees this _work_seq then.
+                if _has_room(worker):
+                    worker.wakeup.notify()
 
     def _feed(self, worker: _Worker) -> None:
         """Feeder thread: keep ``worker`` supplied with units while it has room."""
@@ -618,14 +621,14 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                     while True:
                         if self._closing or worker.state is not _State.RUNNING:
                             return
-                        room = worker.cap - worker.inflight
-                        if seen != self._work_seq and room >= max(1, worker.cap // 2):
+                        if seen != self._work_seq and _has_room(worker):
                             break
                         worker.wakeup.wait()
                     try:
                         # Never blocks: new work is signalled through _work_seq instead, so
                         # that this thread can also be woken for a change of state.
-                        assignments = assign(worker.pid, 1 if limit else room, 0.0, share=share)
+                        room = 1 if limit else worker.cap - worker.inflight
+                        assignments = assign(worker.pid, room, 0.0, share=share)
                     except ClosedTaskDispatcherError:
                         return
                     if not assignments:
@@ -802,6 +805,11 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             self._feeders = [feeder for feeder in self._feeders if feeder.is_alive()]
         for feeder in ended:
             feeder.join()
+
+
+def _has_room(worker: _Worker) -> bool:
+    """Whether ``worker`` has room for more units: half its prefetch, so that they go in batches."""
+    return worker.cap - worker.inflight >= max(1, worker.cap // 2)
 
 
 def _how_it_ended(exitcode: int | None) -> str:
