@@ -49,12 +49,16 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
+
+if sys.platform == "linux":
+    from fcntl import F_SETPIPE_SZ, fcntl
 
 from papyros._deadline import check_size
 from papyros.config import Config
@@ -112,6 +116,32 @@ _PREFIX = struct.Struct("<IQ")
 _IOV_MAX = 1024
 # Where pipes are not file descriptors (Windows), a message is one Connection message.
 _FD_PIPES = hasattr(os, "writev")
+# A Linux pipe holds 64 KB unless enlarged: a 1 MB unit then crosses in 16 pieces, each a
+# wake-up of the reader and of the writer. Enlarged pipes carry large units in a piece or
+# two. Pipe buffers count against a per-user budget (fs.pipe-user-pages-soft, 64 MB by
+# default) past which the user's new pipes get tiny buffers: a dispatcher takes at most
+# _PIPE_BUDGET of it, across its workers' two pipes each.
+_PIPE_BYTES = 1 << 20
+_PIPE_BUDGET = 16 << 20
+_PIPE_DEFAULT = 1 << 16
+
+
+def _pipe_bytes(num_workers: int) -> int:
+    """The size to give each of the pipes of ``num_workers`` workers: a power of two."""
+    size = _PIPE_BYTES
+    while size > _PIPE_DEFAULT and size * 2 * num_workers > _PIPE_BUDGET:
+        size //= 2
+    return size
+
+
+def _enlarge_pipe(conn: Connection, size: int) -> None:
+    """Make the pipe of ``conn`` hold ``size`` bytes where the OS allows it; else leave it."""
+    if sys.platform != "linux" or size <= _PIPE_DEFAULT:
+        return
+    try:
+        fcntl(conn.fileno(), F_SETPIPE_SZ, size)
+    except OSError as exc:  # Over fs.pipe-max-size or the user's budget: it works, slower.
+        logger.debug("could not enlarge a worker pipe to %d bytes: %s", size, exc)
 
 
 def _send_framed(conn: Connection, header: Any, payloads: list[Any]) -> None:
@@ -480,6 +510,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                 f"{', '.join(multiprocessing.get_all_start_methods())}"
             ) from exc
         self._pickle = PickleCodec()
+        self._pipe_bytes = _pipe_bytes(self.num_workers)
         super().__init__(size, codec=self._pickle, max_attempts=max_attempts)
         # Protects the worker table, every _Worker's fields, _work_seq and _closing;
         # the lock of every worker's wakeup condition. Taken before the scheduler's lock.
@@ -590,6 +621,8 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             # The child has its own copies: closing ours lets EOF tell us when it is gone.
             tasks_out.close()
             results_in.close()
+        for conn in (tasks_in, results_out):
+            _enlarge_pipe(conn, self._pipe_bytes)
         worker = _Worker(slot, process, tasks_in, results_out, self._lock)
         worker.feeder = threading.Thread(
             target=self._feed, args=(worker,), name=f"papyros-feeder-{slot}", daemon=True
