@@ -37,7 +37,14 @@ from papyros.errors import (
     WorkerLostError,
 )
 from papyros.errors import TimeoutError as PapyrosTimeoutError
-from papyros.pyro._common import CALL_BYTES, LONG_POLL, dispatcher_name, locate_ns, log
+from papyros.pyro._common import (
+    CALL_BYTES,
+    LONG_POLL,
+    dispatcher_name,
+    locate_ns,
+    log,
+    use_fast_connection,
+)
 from papyros.scheduler import Scheduler
 
 __all__ = ["DispatcherDaemon", "DispatcherService"]
@@ -345,6 +352,7 @@ class DispatcherDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
         self._secret = secret
 
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        use_fast_connection(conn)
         accepted: bool = super()._handshake(conn, denied_reason)
         if not accepted and not getattr(conn, "papyros_refusal_logged", False):
             log.warning(
