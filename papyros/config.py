@@ -51,7 +51,11 @@ class Config:
             many tasks; 0 means never.
         max_attempts: how many times a unit is dispatched before a lost
             worker becomes its outcome (``WorkerLostError``).
-        group: the distributed group to join (remote backends).
+        group: the distributed group to join (remote backends). A remote
+            backend's client ignores ``workers``, ``size``, ``max_attempts``,
+            ``start_method`` and ``max_tasks_per_child``: those belong to its
+            dispatcher and worker processes (``start-papyros dispatcher
+            --size``, ``start-papyros workers -n``).
         ns_host: the name server host (remote backends); empty: Pyro5's own.
         ns_port: the name server port (remote backends); 0: Pyro5's own.
     """
