@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from papyros._lifecycle import Closing
 from papyros.errors import TimeoutError
-from papyros.task import Results, Task, outcomes_of
+from papyros.task import Results, Task, TaskBatch, Unit, outcomes_of
 
 if TYPE_CHECKING:
     from papyros.dispatcher import TaskQueue
@@ -45,9 +45,12 @@ class ResultIterator(Closing, Iterator[Any]):
         ordered: bool,
         chunksize: int,
         window: int,
+        task_type: type[Task] | None = None,
     ) -> None:
         self._queue = queue
+        # Tasks; or, for ``map``, argument tuples of ``task_type``.
         self._source = tasks
+        self._task_type = task_type
         self._timeout = timeout
         self._ordered = ordered
         self._chunksize = chunksize
@@ -62,7 +65,7 @@ class ResultIterator(Closing, Iterator[Any]):
         self._input_error: Exception | None = None
         self._next_position = 0
         # Chunks pulled from the input that the dispatcher has not accepted yet.
-        self._unsent: deque[tuple[int, list[Task]]] = deque()
+        self._unsent: deque[tuple[int, Unit]] = deque()
         # Position of each unit sent and not yet received, by unit id.
         self._sent: dict[int, int] = {}
         # Finished units not yet yielded: by position when ordered, else in finishing order.
@@ -194,7 +197,10 @@ class ResultIterator(Closing, Iterator[Any]):
             self._input_error = exc
         if len(chunk) < self._chunksize:
             self._exhausted = True  # The input ended, or raised.
-        if not all(map(isinstance, chunk, repeat(Task))):
+        if self._task_type is not None:
+            if chunk:
+                self._add_unsent(TaskBatch(self._task_type, chunk))
+        elif not all(map(isinstance, chunk, repeat(Task))):
             self._pull_mixed(chunk)
         elif chunk:
             self._add_unsent(chunk)
@@ -214,7 +220,7 @@ class ResultIterator(Closing, Iterator[Any]):
         if chunk:
             self._add_unsent(chunk)
 
-    def _add_unsent(self, chunk: list[Task]) -> None:
+    def _add_unsent(self, chunk: Unit) -> None:
         self._unsent.append((self._next_position, chunk))
         self._next_position += 1
         self._outstanding += 1

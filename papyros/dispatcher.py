@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from papyros._deadline import check_size, deadline_after
 from papyros._lifecycle import Closing
 from papyros.errors import ClosedTaskDispatcherError, ClosedTaskQueueError, TimeoutError
-from papyros.task import Outcome, Results, Task, outcomes_of
+from papyros.task import Outcome, Results, Task, Unit, outcomes_of
 
 if TYPE_CHECKING:
     from papyros._execute import ResultIterator
@@ -39,7 +39,7 @@ class QueueLink(ABC):
     """
 
     @abstractmethod
-    def send(self, units: list[list[Task]], deadline: float | None) -> list[int]:
+    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
         """Submit units; accept as many as the dispatcher's bound allows.
 
         Returns:
@@ -190,7 +190,7 @@ class TaskQueue(Closing):
 
     # -- used by ResultIterator, which owns its queue and tracks units itself
 
-    def _send_units(self, units: list[list[Task]], deadline: float | None) -> list[int]:
+    def _send_units(self, units: list[Unit], deadline: float | None) -> list[int]:
         self._check_open()
         return self._link.send(units, deadline)
 
@@ -320,6 +320,62 @@ class TaskDispatcher(Closing, ABC):
             ordered=ordered,
             chunksize=chunksize,
             window=self._execute_window(),
+        )
+
+    def map(
+        self,
+        task_type: type[Task],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        ordered: bool = False,
+        chunksize: int = 1,
+        qsize: int = 0,
+    ) -> ResultIterator:
+        """Run ``task_type`` on arguments taken from ``iterables``; iterate over the results.
+
+        ``dispatcher.map(square, numbers)`` is ``dispatcher.execute(square(n)
+        for n in numbers)``, and ``map(power, bases, exponents)`` pairs its
+        inputs as the builtin :func:`map` does (it stops at the shortest),
+        but no Task object is made per item: the arguments travel as they
+        are, a chunk at a time, which is several times faster for small
+        tasks. Everything :meth:`execute` says holds here.
+
+        Args:
+            task_type: a :class:`Task` subclass, such as one made by
+                ``@Task.subclass()``.
+            *iterables: one iterable per positional argument of the task.
+            timeout, ordered, chunksize, qsize: as for :meth:`execute`.
+
+        Returns:
+            An iterator of results, as :meth:`execute` returns.
+
+        Raises:
+            TypeError: ``task_type`` is not a Task subclass, or no iterable is given.
+            ValueError: ``chunksize`` < 1, or a negative ``timeout`` or ``qsize``.
+            ClosedTaskDispatcherError: the dispatcher is closed.
+        """
+        from papyros._execute import ResultIterator
+
+        if not (isinstance(task_type, type) and issubclass(task_type, Task)):
+            raise TypeError(
+                f"map() takes a Task type (e.g. a function decorated with "
+                f"@papyros.Task.subclass()), not {task_type!r}"
+            )
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of arguments")
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
+        deadline_after(timeout)  # validates it
+        arguments = zip(*iterables, strict=False)  # As map() does: up to the shortest.
+        queue = self.make_queue(qsize)
+        return ResultIterator(
+            queue,
+            arguments,
+            timeout=timeout,
+            ordered=ordered,
+            chunksize=chunksize,
+            window=self._execute_window(),
+            task_type=task_type,
         )
 
     @abstractmethod

@@ -35,7 +35,7 @@ from operator import attrgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
-from papyros.task import Results, Task, TaskBatch
+from papyros.task import Results, Task, TaskBatch, Unit
 from papyros.worker import Codec
 
 __all__ = ["PickleCodec"]
@@ -194,15 +194,18 @@ class PickleCodec(Codec):
 
     # ---------------------------------------------------------------- client side
 
-    def encode_unit(self, tasks: list[Task]) -> bytes:
-        first = type(tasks[0])
-        if len(tasks) == 1 or len(set(map(type, tasks))) == 1:
-            ref = self._class_refs.get(first)
-            if ref is None:
-                ref = self._class_ref(first, tasks[0])
+    def encode_unit(self, tasks: Unit) -> bytes:
+        body: tuple[Any, ...]
+        if isinstance(tasks, TaskBatch):
+            ref = self._class_refs.get(tasks.cls) or self._class_ref(tasks.cls, tasks)
+            kwargs = () if tasks.kwargs is None else (tasks.kwargs,)
+            body = (ref, tasks.args, *kwargs)
+        elif len(tasks) == 1 or len(set(map(type, tasks))) == 1:
+            first = type(tasks[0])
+            ref = self._class_refs.get(first) or self._class_ref(first, tasks)
             args = list(map(_args, tasks))
             if any(map(_kwargs, tasks)):
-                body: tuple[Any, ...] = (ref, args, list(map(_kwargs, tasks)))
+                body = (ref, args, list(map(_kwargs, tasks)))
             else:
                 body = (ref, args)
         else:
@@ -213,7 +216,7 @@ class PickleCodec(Codec):
             raise SerializationError(_culprit(tasks, exc)) from exc
         return data
 
-    def _class_ref(self, cls: type[Task], example: Task) -> type | bytes:
+    def _class_ref(self, cls: type[Task], tasks: Unit) -> type | bytes:
         """A class itself if workers can import it by name, else its by-value pickle."""
         ref: type | bytes = cls
         if cls.__module__ == "__main__":
@@ -228,7 +231,7 @@ class PickleCodec(Codec):
                 ref = _cloudpickle().dumps(cls, _PROTOCOL)
             except Exception as exc:
                 raise SerializationError(
-                    f"cannot serialize the task class of {_short.repr(example)}: {exc}"
+                    f"cannot serialize the task class of {_short.repr(next(iter(tasks)))}: {exc}"
                 ) from exc
         self._class_refs[cls] = ref
         return ref
@@ -296,7 +299,7 @@ def _untravelled(result: object) -> _Failure | None:
     return None
 
 
-def _culprit(tasks: list[Task], error: Exception) -> str:
+def _culprit(tasks: Unit, error: Exception) -> str:
     """Say which task, class or argument of a unit cannot be pickled."""
     dumps = _cloudpickle().dumps
     for task in tasks:

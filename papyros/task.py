@@ -10,7 +10,7 @@ from typing import Any, ClassVar, TypeAlias
 
 from papyros.errors import UnprocessedTaskError
 
-__all__ = ["Outcome", "Results", "Task", "TaskBatch", "outcomes_of"]
+__all__ = ["Outcome", "Results", "Task", "TaskBatch", "Unit", "outcomes_of"]
 
 #: What running a task produced: ``(True, result)`` or ``(False, exception)``.
 Outcome: TypeAlias = tuple[bool, Any]
@@ -262,3 +262,7 @@ def outcomes_of(values: list[Any], errors: dict[int, BaseException]) -> list[Out
     for index, error in errors.items():
         outcomes[index] = (False, error)
     return outcomes
+
+
+#: A unit of work in a client: tasks, or tasks of one class held as their arguments.
+Unit: TypeAlias = "list[Task] | TaskBatch"

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from papyros.scheduler import Assignment
-from papyros.task import Outcome, Results, Task, TaskBatch
+from papyros.task import Outcome, Results, Task, TaskBatch, Unit
 
 __all__ = ["Codec", "InProcessCodec", "WorkSource", "run_unit", "work"]
 
@@ -20,7 +20,7 @@ class Codec(ABC):
     """How units of tasks and their outcomes are represented between client and worker."""
 
     @abstractmethod
-    def encode_unit(self, tasks: list[Task]) -> Any:
+    def encode_unit(self, tasks: Unit) -> Any:
         """Client side: a unit's tasks to its payload. Raises SerializationError."""
 
     @abstractmethod
@@ -46,10 +46,10 @@ class Codec(ABC):
 class InProcessCodec(Codec):
     """For workers that share the client's memory: objects travel as they are."""
 
-    def encode_unit(self, tasks: list[Task]) -> Any:
+    def encode_unit(self, tasks: Unit) -> Any:
         return tasks
 
-    def decode_unit(self, payload: Any) -> list[Task]:
+    def decode_unit(self, payload: Any) -> list[Task] | TaskBatch:
         return payload  # type: ignore[no-any-return]
 
     def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> Any:

@@ -14,6 +14,7 @@ import pytest
 import papyros
 from tests.conftest import DispatcherFactory
 from tests.tasks import (
+    add,
     annotated_failure,
     fail_if_odd,
     identity,
@@ -231,6 +232,76 @@ def test_execute_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> No
 
 def test_execute_of_nothing_ends_at_once(dispatcher: papyros.TaskDispatcher) -> None:
     assert list(dispatcher.execute([])) == []
+    assert dispatcher.num_queues() == 0
+
+
+# ------------------------------------------------------------ map: arguments in, results out
+
+
+@pytest.mark.parametrize(("ordered", "chunksize"), COMBINATIONS)
+def test_map_runs_the_task_type_on_each_argument(
+    dispatcher: papyros.TaskDispatcher, ordered: bool, chunksize: int
+) -> None:
+    results = list(dispatcher.map(square, range(300), ordered=ordered, chunksize=chunksize))
+    assert sorted(results) == [i * i for i in range(300)]
+    if ordered:
+        assert results == [i * i for i in range(300)]
+    assert dispatcher.num_queues() == 0
+
+
+def test_map_pairs_several_iterables_up_to_the_shortest(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    results = dispatcher.map(add, range(10), iter(range(100, 106)), ordered=True, chunksize=4)
+    assert list(results) == [i + 100 + i for i in range(6)]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_failures_and_input_errors_come_in_their_place(
+    dispatcher: papyros.TaskDispatcher, chunksize: int
+) -> None:
+    def numbers() -> Iterator[int]:
+        yield from range(7)
+        raise RuntimeError("the input broke")
+
+    results = dispatcher.map(fail_if_odd, numbers(), ordered=True, chunksize=chunksize)
+    seen: list[object] = []
+    while True:
+        try:
+            seen.append(next(results))
+        except (ValueError, RuntimeError) as exc:
+            seen.append(str(exc))
+        except StopIteration:
+            break
+    assert seen == [0, "odd: 1", 2, "odd: 3", 4, "odd: 5", 6, "the input broke"]
+
+
+def test_map_is_lazy_over_an_infinite_input(dispatcher: papyros.TaskDispatcher) -> None:
+    pulled = itertools.count()
+
+    def endless() -> Iterator[int]:
+        for i in itertools.count():
+            next(pulled)
+            yield i
+
+    with dispatcher.map(identity, endless(), chunksize=5) as results:
+        taken = list(itertools.islice(results, 1000))
+    assert len(taken) == 1000
+    assert next(pulled) < 1000 + 5 * 1000
+    assert dispatcher.num_queues() == 0
+
+
+def test_map_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> None:
+    with pytest.raises(TypeError, match="Task type"):
+        dispatcher.map(lambda x: x, [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Task type"):
+        dispatcher.map(square(1), [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="at least one iterable"):
+        dispatcher.map(square)
+    with pytest.raises(ValueError, match="chunksize"):
+        dispatcher.map(square, [1], chunksize=0)
+    with pytest.raises(TypeError):
+        dispatcher.map(square, 42)  # type: ignore[arg-type]
     assert dispatcher.num_queues() == 0
 
 

@@ -11,7 +11,7 @@ from papyros._deadline import check_size
 from papyros.dispatcher import QueueLink, TaskDispatcher
 from papyros.errors import ClosedTaskDispatcherError
 from papyros.scheduler import Assignment, Scheduler
-from papyros.task import Results, Task
+from papyros.task import Results, Unit
 from papyros.worker import Codec, WorkSource
 
 __all__ = ["CoreDispatcher", "CoreQueueLink", "CoreWorkSource", "available_cpus", "resolve_workers"]
@@ -39,7 +39,7 @@ class CoreQueueLink(QueueLink):
         self._queue_id = queue_id
         self._codec = codec
 
-    def send(self, units: list[list[Task]], deadline: float | None) -> list[int]:
+    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
         encode = self._codec.encode_unit
         encoded = [(encode(tasks), len(tasks)) for tasks in units]
         return self._scheduler.submit(self._queue_id, encoded, deadline)

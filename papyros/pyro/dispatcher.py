@@ -55,7 +55,7 @@ from papyros.pyro.server import (
     unregister_from_name_server,
 )
 from papyros.serialization import PickleCodec
-from papyros.task import Results, Task
+from papyros.task import Results, Unit
 
 __all__ = ["PyroDispatcherProxy", "PyroTaskDispatcher"]
 
@@ -317,7 +317,7 @@ class RemoteQueueLink(QueueLink):
         self._codec = dispatcher._codec
         self._closed = False
 
-    def send(self, units: list[list[Task]], deadline: float | None) -> list[int]:
+    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
         encode = self._codec.encode_unit
         encoded = [[encode(tasks), len(tasks)] for tasks in units]
         accepted: list[int] = []
