@@ -63,6 +63,16 @@ def test_the_quickstart_example() -> None:
     ]
 
 
+def test_the_map_example_as_the_readme_shows_it() -> None:
+    code = (EXAMPLES / "map.py").read_text()
+    body = code.split('"""', 2)[2].strip()  # Below the docstring.
+    assert body in (EXAMPLES.parent / "README.md").read_text()
+    assert _run_example("map.py").splitlines() == [
+        "100000: [2, 2, 2, 2, 2, 5, 5, 5, 5, 5]",
+        "powers: [1024, 81, 1000]",
+    ]
+
+
 def test_the_queues_example() -> None:
     assert sorted(_run_example("queues.py").splitlines()) == [
         "failed: division by zero",
