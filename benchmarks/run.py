@@ -677,6 +677,47 @@ class PapyrosPyroRunner(PapyrosRunner):
             deployment.stop()
 
 
+class MapVariant(PapyrosRunner):
+    """papyros's ``dispatcher.map`` on W1: arguments in, no Task object made per item.
+
+    A second papyros row of its backend, with a pool of its own; it runs W1
+    only (``map(noop, range(N), chunksize=c)``), and gets a W1 table of its
+    own, against the same peer measurements.
+    """
+
+    variant = "map"
+    #: How the variant runs W1, for its table.
+    call = "dispatcher.map(noop, range(N), chunksize=c)"
+    notes: ClassVar[dict[str, str]] = {}
+
+    def w1(self, ntasks: int, chunksize: int) -> int:
+        return sum(self._dispatcher.map(self._noop, range(ntasks), chunksize=chunksize))
+
+    def w2(self, ntasks: int, loops: int) -> int:
+        raise NotApplicable("W1 only")
+
+    def w3(self, ntasks: int, payload: bytes) -> int:
+        raise NotApplicable("W1 only")
+
+    def w4_startup(self) -> float:
+        raise NotApplicable("W1 only")
+
+    def w4_round_trip(self) -> int:
+        raise NotApplicable("W1 only")
+
+
+class PapyrosThreadMapRunner(MapVariant, PapyrosThreadRunner):
+    label = "papyros thread, map"
+
+
+class PapyrosProcessMapRunner(MapVariant, PapyrosProcessRunner):
+    label = "papyros process, map"
+
+
+class PapyrosPyroMapRunner(MapVariant, PapyrosPyroRunner):
+    label = "papyros pyro, map"
+
+
 class DaskDistributedRunner(Runner):
     """Dask distributed: ``Client(LocalCluster(...))``, 2 worker processes of 1 thread.
 
@@ -870,9 +911,15 @@ class ParallelPythonRunner(Runner):
 
 #: The backends, each with its runners: papyros's first, then its peers.
 BACKENDS: dict[str, tuple[type[Runner], ...]] = {
-    "thread": (PapyrosThreadRunner, ThreadPoolRunner, SerialRunner),
-    "process": (PapyrosProcessRunner, MultiprocessingPoolRunner, ProcessPoolRunner, LokyRunner),
-    "pyro": (PapyrosPyroRunner, DaskDistributedRunner, ParallelPythonRunner),
+    "thread": (PapyrosThreadRunner, ThreadPoolRunner, SerialRunner, PapyrosThreadMapRunner),
+    "process": (
+        PapyrosProcessRunner,
+        MultiprocessingPoolRunner,
+        ProcessPoolRunner,
+        LokyRunner,
+        PapyrosProcessMapRunner,
+    ),
+    "pyro": (PapyrosPyroRunner, DaskDistributedRunner, ParallelPythonRunner, PapyrosPyroMapRunner),
 }
 
 # ---------------------------------------------------------------------------- workloads
@@ -1269,6 +1316,31 @@ def _legend(metrics: Sequence[Metric]) -> list[str]:
     ]
 
 
+def build_tables(workload: Workload, rows: Sequence[Row], settings: Settings) -> list[Table]:
+    """The workload's table, then one per papyros variant that measured it (e.g. ``map``).
+
+    A variant's table compares it with the same peer measurements as the main one.
+    """
+    variants = [row for row in rows if getattr(row.runner, "variant", "")]
+    main = [row for row in rows if not getattr(row.runner, "variant", "")]
+    tables = [build_table(workload, main, settings)]
+    for variant in variants:
+        cells = [value for (name, _), value in variant.cells.items() if name == workload.name]
+        if all(value == "n/a" for value in cells):
+            continue
+        peers = [
+            row for row in main if row.backend == variant.backend and not row.runner.is_papyros
+        ]
+        table = build_table(workload, [variant, *peers], settings)
+        table.title += f", papyros {variant.runner.variant}"  # type: ignore[attr-defined]
+        table.lines = [
+            line.replace("dispatcher.execute(tasks, chunksize=c)", variant.runner.call)  # type: ignore[attr-defined]
+            for line in table.lines
+        ]
+        tables.append(table)
+    return tables
+
+
 def build_table(workload: Workload, rows: Sequence[Row], settings: Settings) -> Table:
     """One table: a row per runner, a column per metric, each followed by papyros / peer."""
     metrics = workload.metrics(settings)
@@ -1476,7 +1548,7 @@ def main(argv: list[str] | None = None) -> int:
     header.append(
         ("load", f"1-minute load average {load_at_start} at start, {_load_average()} at end")
     )
-    tables = [build_table(workload, rows, settings) for workload in selected]
+    tables = [table for workload in selected for table in build_tables(workload, rows, settings)]
     print("\n".join(f"{key:>10}: {value}" for key, value in header))
     for note in skipped:
         print(f"   skipped: {note}")
