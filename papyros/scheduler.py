@@ -440,6 +440,30 @@ class Scheduler:
                     self._deliver(unit, Finished(unit.id, unit.ntasks, None, error))
             return retried
 
+    def give_back(self, worker: Hashable, unit_ids: Sequence[int]) -> list[int]:
+        """Take back units that ``worker`` holds but has not started, for other workers.
+
+        They go back ahead of their queues, in their order, unblamed; a late
+        completion of one by ``worker`` is dropped.
+
+        Returns:
+            The ids of the units that went back (those the worker still held).
+        """
+        with self._lock:
+            held = self._held.get(worker, set())
+            units = sorted(
+                (self._inflight[unit_id] for unit_id in unit_ids if unit_id in held),
+                key=lambda unit: unit.assigned,
+            )
+            for unit in reversed(units):
+                self._release(unit)
+                queue = unit.queue
+                if not queue.closed:
+                    queue.pending.appendleft(unit)
+                    self._pending_tasks += unit.ntasks
+                    self._offer(queue)
+            return [unit.id for unit in units]
+
     def held_by(self, worker: Hashable) -> list[int]:
         """The ids of the units in flight on ``worker``."""
         with self._lock:

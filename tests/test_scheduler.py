@@ -196,6 +196,26 @@ def test_assign_and_fetch_bound_the_bytes_they_take_but_take_one_unit_at_least()
     core.close()
 
 
+def test_units_given_back_go_to_other_workers_in_order_and_late_results_are_dropped() -> None:
+    core = Scheduler()
+    queue = core.open_queue()
+    ids = core.submit(queue, [(i, 1) for i in range(5)])
+    first = core.assign("a", max_units=5, deadline=NOW)
+    assert [a.unit_id for a in first] == ids
+    assert core.give_back("a", [ids[4], ids[2], ids[3], 999]) == ids[2:]
+    assert core.held_by("a") == ids[:2]
+    assert core.num_tasks() == 3
+    taken = core.assign("b", max_units=5, deadline=NOW)
+    assert [a.unit_id for a in taken] == ids[2:]
+    assert not core.complete("a", ids[2], 1, "late")  # "a" gave it back: not its result.
+    for assignment in [*first[:2], *taken]:
+        worker = "a" if assignment in first else "b"
+        assert core.complete(worker, assignment.unit_id, assignment.attempt, assignment.payload)
+    assert sorted(entry.outcome for entry in core.fetch(queue, NOW)) == list(range(5))
+    assert core.give_back("a", ids) == []
+    core.close()
+
+
 def test_close_wakes_every_waiter() -> None:
     core = Scheduler(size=1)
     queue = core.open_queue()

@@ -222,11 +222,21 @@ class DispatcherService:
         log.info("worker %s joined", worker_id)
         return worker_id
 
-    def exchange(self, worker_id: str, results: list[Any], want: int, wait: float) -> list[Any]:
-        """Hand back finished units, then wait up to ``wait`` seconds for the next ones."""
+    def exchange(
+        self,
+        worker_id: str,
+        results: list[Any],
+        want: int,
+        wait: float,
+        returned: list[int] | None = None,
+    ) -> list[Any]:
+        """Hand back finished units (and ``returned``, units not started), then wait up
+        to ``wait`` seconds for the next ones."""
         _peer("worker")
         record = self._touch(worker_id)
         scheduler = self._scheduler
+        if returned:
+            scheduler.give_back(worker_id, [int(unit_id) for unit_id in returned])
         for unit_id, attempt, outcome, ntasks in results:
             if scheduler.complete(worker_id, unit_id, attempt, outcome):
                 record.units_done += 1

@@ -42,13 +42,16 @@ from papyros.worker import WorkSource, work
 
 __all__ = ["WorkerOptions", "run_worker", "worker_main"]
 
-# How much work, in seconds, a worker asks for beyond the unit it runs, to hide the
-# round trip; it asks for at least two units and at most _MAX_WANT.
-_PREFETCH_SECONDS = 0.005
+# How much work, in seconds, a worker asks for at a time; it asks for at least two
+# units and at most _MAX_WANT. Each request is a round trip during which the worker
+# is idle, and with every core busy running tasks it waits for the dispatcher to
+# be scheduled too: on 2 busy cores, about 0.5 to 3 ms. A batch much slower than
+# guessed hands its units not started back (see finish()).
+_PREFETCH_SECONDS = 0.05
 _MAX_WANT = 256
 
 # Finished outcomes go back at once when a batch has run for this long.
-_FLUSH_AFTER = 0.02
+_FLUSH_AFTER = 0.1
 
 # Backoff between connection attempts, in seconds.
 _FIRST_BACKOFF = 0.2
@@ -97,6 +100,9 @@ class _RemoteSource(WorkSource):
         self._results_bytes = 0
         self._batch_started = self._flushed_at = 0.0
         self._batch_size = 0
+        # The batch being run, and how many of its units are not finished yet.
+        self._batch: list[Assignment] = []
+        self._batch_left = 0
         # A running estimate of one unit's time; it starts pessimistic (one unit ahead).
         self._unit_seconds = _PREFETCH_SECONDS
 
@@ -111,29 +117,50 @@ class _RemoteSource(WorkSource):
             reply = self._exchange(want, LONG_POLL)
             if reply:
                 self._batch_started = self._flushed_at = time.monotonic()
-                self._batch_size = len(reply)
-                return [
+                self._batch_size = self._batch_left = len(reply)
+                self._batch = [
                     Assignment(unit_id, attempt, payload, ntasks)
                     for unit_id, attempt, payload, ntasks in reply
                 ]
+                return self._batch
         self._exchange(0, 0.0)  # Hand back what is finished before stopping.
         return []
 
     def finish(self, assignment: Assignment, outcome: Any) -> None:
         self._results.append([assignment.unit_id, assignment.attempt, outcome, assignment.ntasks])
         self._results_bytes += len(outcome)
+        self._batch_left -= 1
+        if not self._batch_left:
+            return  # take() hands them back with its request, in the same call.
         now = time.monotonic()
-        if now - self._flushed_at > _FLUSH_AFTER or self._results_bytes >= CALL_BYTES:
+        # The batch's size was guessed from the last batch's pace. If it has run for longer
+        # than a whole batch should, and what is left would take more than twice as long
+        # again, keep about _PREFETCH_SECONDS of it and hand the rest back at once, for
+        # idle workers to take instead of waiting for this one.
+        elapsed = now - self._batch_started
+        done = self._batch_size - self._batch_left
+        keep = max(1, int(_PREFETCH_SECONDS * done / elapsed))
+        if elapsed > _PREFETCH_SECONDS and self._batch_left > 2 * keep:
+            start = done + keep
+            returned = [assignment.unit_id for assignment in self._batch[start:]]
+            del self._batch[start:]  # work() iterates over this very list: its batch ends early.
+            self._batch_size = start
+            self._batch_left = keep
+            self._unit_seconds = max(self._unit_seconds, elapsed / done)
+            self._exchange(0, 0.0, returned)
+            self._flushed_at = now
+        elif now - self._flushed_at > _FLUSH_AFTER or self._results_bytes >= CALL_BYTES:
             # A slow batch, or big outcomes: hand back what is done so far.
             self._exchange(0, 0.0)
             self._flushed_at = now
 
-    def _exchange(self, want: int, wait: float) -> list[Any]:
+    def _exchange(self, want: int, wait: float, returned: list[int] | None = None) -> list[Any]:
         results, self._results = self._results, []
         self._results_bytes = 0
-        reply: list[Any] = self._peer.call(
-            "exchange", self._worker_id, results, want, wait, wait=wait
+        args: tuple[Any, ...] = (
+            (results, want, wait, returned) if returned else (results, want, wait)
         )
+        reply: list[Any] = self._peer.call("exchange", self._worker_id, *args, wait=wait)
         return reply
 
 
