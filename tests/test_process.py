@@ -395,16 +395,22 @@ def test_a_message_of_more_buffers_than_one_write_takes_arrives_whole(
     reader, writer = multiprocessing.Pipe(duplex=False)
     received: list[tuple[Any, list[Any]]] = []
     # The pipe holds far less than the message: a thread must read while this one writes.
-    thread = threading.Thread(target=lambda: received.append(_recv_framed(reader)))
+    thread = threading.Thread(
+        target=lambda: received.extend(_recv_framed(reader) for _ in range(3))
+    )
     thread.start()
     _send_framed(writer, ("header", 3), payloads)
     _send_framed(writer, "small", [b"a", b"", b"bc"])
+    _send_framed(writer, "pieces", [(b"a", memoryview(b"bc")), b"d", (), (b"e" * 70_000, b"f")])
     thread.join()
     header, got = received[0]
     assert header == ("header", 3)
     assert [bytes(payload) for payload in got] == payloads
-    header, got = _recv_framed(reader)
+    header, got = received[1]
     assert (header, [bytes(payload) for payload in got]) == ("small", [b"a", b"", b"bc"])
+    header, got = received[2]
+    assert header == "pieces"
+    assert [bytes(payload) for payload in got] == [b"abc", b"d", b"", b"e" * 70_000 + b"f"]
     writer.close()
     with pytest.raises(EOFError):
         _recv_framed(reader)

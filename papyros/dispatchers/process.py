@@ -147,19 +147,30 @@ def _enlarge_pipe(conn: Connection, size: int) -> None:
 def _send_framed(conn: Connection, header: Any, payloads: list[Any]) -> None:
     """Send a small pickled header and the opaque payloads (units or outcomes) it describes.
 
-    Payloads are never pickled again, and large ones are never copied: they go
-    from their own buffers to the pipe.
+    A payload is a bytes-like object, or a tuple of them that travel back to
+    back (a pickle in pieces, made so that a large buffer it holds is never
+    copied); the receiver gets each payload as one buffer. Payloads are never
+    pickled again, and large ones are never copied: they go from their own
+    buffers to the pipe.
     """
-    lengths = [len(payload) for payload in payloads]
+    pieces: list[Any] = []
+    lengths = []
+    for payload in payloads:
+        if type(payload) is tuple:
+            pieces.extend(payload)
+            lengths.append(sum(map(len, payload)))
+        else:
+            pieces.append(payload)
+            lengths.append(len(payload))
     head = pickle.dumps((header, lengths), _PROTOCOL)
     body = sum(lengths)
     prefix = _PREFIX.pack(len(head), body)
     if not _FD_PIPES:
-        conn.send_bytes(b"".join([prefix, head, *payloads]))
+        conn.send_bytes(b"".join([prefix, head, *pieces]))
     elif body < _JOIN_BYTES:
-        _write_all(conn.fileno(), [b"".join([prefix, head, *payloads])])
+        _write_all(conn.fileno(), [b"".join([prefix, head, *pieces])])
     else:
-        _write_all(conn.fileno(), [prefix, head, *payloads])
+        _write_all(conn.fileno(), [prefix, head, *pieces])
 
 
 def _write_all(fd: int, buffers: list[Any]) -> None:
