@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -308,6 +309,12 @@ def test_big_batches_travel_in_calls_of_bounded_size(pyro_cluster: Cluster) -> N
             for payload in payloads:
                 queue.push(identity(payload))
             assert sorted(queue.pop(30) for _ in payloads) == payloads
+            # Payloads are encoded call by call: one that cannot be is still refused whole.
+            with pytest.raises(papyros.SerializationError, match="argument 0"):
+                queue.push(identity(threading.Lock()))
+        with pytest.raises(papyros.SerializationError, match="argument 0"):
+            list(dispatcher.execute([*(identity(p) for p in payloads), identity(threading.Lock())]))
+        assert list(dispatcher.execute(identity(p) for p in payloads[:2])) == payloads[:2]
 
 
 def test_bad_worker_counts_fail_in_one_line() -> None:

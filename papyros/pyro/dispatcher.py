@@ -25,6 +25,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from papyros._auth import load_secret
@@ -36,6 +37,7 @@ from papyros.errors import (
     ClosedTaskQueueError,
     CommunicationError,
     PapyrosError,
+    SerializationError,
     TimeoutError,
     WorkerLostError,
 )
@@ -318,10 +320,17 @@ class RemoteQueueLink(QueueLink):
         self._closed = False
 
     def send(self, units: list[Unit], deadline: float | None) -> list[int]:
-        encode = self._codec.encode_unit
-        encoded = [[encode(tasks), len(tasks)] for tasks in units]
         accepted: list[int] = []
-        for batch in _batches(encoded):
+        batches = self._encoded_batches(units)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except SerializationError:
+                if accepted:
+                    break  # The unit that cannot be sent is refused at the next call.
+                raise
             try:
                 # Only the first call waits for room: the contract is a prefix, never empty.
                 ids = self._submit(batch, time.monotonic() if accepted else deadline)
@@ -333,6 +342,23 @@ class RemoteQueueLink(QueueLink):
             if len(ids) < len(batch):
                 break
         return accepted
+
+    def _encoded_batches(self, units: list[Unit]) -> Iterator[list[list[Any]]]:
+        """The units, encoded only as they are sent, in runs of about CALL_BYTES (at least
+        one unit per run): the client never holds more than a run of encoded payloads, and
+        the memory of each is reused warm for the next."""
+        encode = self._codec.encode_unit
+        batch: list[list[Any]] = []
+        size = 0
+        for tasks in units:
+            payload = encode(tasks)
+            if batch and size + len(payload) > CALL_BYTES:
+                yield batch
+                batch, size = [], 0
+            batch.append([payload, len(tasks)])
+            size += len(payload)
+        if batch:
+            yield batch
 
     def _submit(self, units: list[list[Any]], deadline: float | None) -> list[int]:
         while True:
@@ -388,19 +414,6 @@ class RemoteQueueLink(QueueLink):
         if not self._closed:
             self._closed = True
             self._dispatcher._doomed.append((self._incarnation, self._queue_id))
-
-
-def _batches(units: list[list[Any]]) -> list[list[list[Any]]]:
-    """Encoded units in runs of about CALL_BYTES, one call each (at least one unit per run)."""
-    batches: list[list[list[Any]]] = []
-    size = CALL_BYTES
-    for unit in units:
-        size += len(unit[0])
-        if size > CALL_BYTES:
-            batches.append([])
-            size = len(unit[0])
-        batches[-1].append(unit)
-    return batches
 
 
 def _wait_for(deadline: float | None) -> float:
