@@ -46,11 +46,13 @@ class ResultIterator(Closing, Iterator[Any]):
         chunksize: int,
         window: int,
         task_type: type[Task] | None = None,
+        single: bool = False,
     ) -> None:
         self._queue = queue
-        # Tasks; or, for ``map``, argument tuples of ``task_type``.
+        # Tasks; or, for ``map``, argument tuples of ``task_type`` (lone arguments if ``single``).
         self._source = tasks
         self._task_type = task_type
+        self._single = single
         self._timeout = timeout
         self._ordered = ordered
         self._chunksize = chunksize
@@ -199,7 +201,7 @@ class ResultIterator(Closing, Iterator[Any]):
             self._exhausted = True  # The input ended, or raised.
         if self._task_type is not None:
             if chunk:
-                self._add_unsent(TaskBatch(self._task_type, chunk))
+                self._add_unsent(TaskBatch(self._task_type, chunk, single=self._single))
         elif not all(map(isinstance, chunk, repeat(Task))):
             self._pull_mixed(chunk)
         elif chunk:

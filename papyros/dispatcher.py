@@ -366,7 +366,10 @@ class TaskDispatcher(Closing, ABC):
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
         deadline_after(timeout)  # validates it
-        arguments = zip(*iterables, strict=False)  # As map() does: up to the shortest.
+        # One iterable: each item is the only argument, no tuple needed. Several: paired
+        # as the builtin map() pairs them, up to the shortest.
+        single = len(iterables) == 1
+        arguments = iter(iterables[0]) if single else zip(*iterables, strict=False)
         queue = self.make_queue(qsize)
         return ResultIterator(
             queue,
@@ -376,6 +379,7 @@ class TaskDispatcher(Closing, ABC):
             chunksize=chunksize,
             window=self._execute_window(),
             task_type=task_type,
+            single=single,
         )
 
     @abstractmethod

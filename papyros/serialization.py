@@ -195,19 +195,19 @@ class PickleCodec(Codec):
     # ---------------------------------------------------------------- client side
 
     def encode_unit(self, tasks: Unit) -> bytes:
+        # The body: (class or its by-value pickle, arguments, keyword arguments or
+        # None, whether each task's arguments are its only one, bare); or, for
+        # tasks of several classes, (None, the tasks).
         body: tuple[Any, ...]
         if isinstance(tasks, TaskBatch):
             ref = self._class_refs.get(tasks.cls) or self._class_ref(tasks.cls, tasks)
-            kwargs = () if tasks.kwargs is None else (tasks.kwargs,)
-            body = (ref, tasks.args, *kwargs)
+            body = (ref, tasks.args, tasks.kwargs, tasks.single)
         elif len(tasks) == 1 or len(set(map(type, tasks))) == 1:
             first = type(tasks[0])
             ref = self._class_refs.get(first) or self._class_ref(first, tasks)
             args = list(map(_args, tasks))
-            if any(map(_kwargs, tasks)):
-                body = (ref, args, list(map(_kwargs, tasks)))
-            else:
-                body = (ref, args)
+            kwargs = list(map(_kwargs, tasks)) if any(map(_kwargs, tasks)) else None
+            body = (ref, args, kwargs, False)
         else:
             body = (None, tasks)
         try:
@@ -265,7 +265,7 @@ class PickleCodec(Codec):
                 cls = self._classes[ref] = pickle.loads(ref)
         else:
             cls = ref
-        return TaskBatch(cls, body[1], body[2] if len(body) == 3 else None)
+        return TaskBatch(cls, body[1], body[2], single=body[3])
 
     def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> bytes:
         failures = {index: _Failure.of(exc) for index, exc in errors.items()}

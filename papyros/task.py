@@ -106,44 +106,54 @@ class Task:
 
     @classmethod
     def _run_many(
-        cls, args_list: list[tuple[Any, ...]], kwargs_list: list[dict[str, Any]] | None = None
+        cls,
+        args_list: list[Any],
+        kwargs_list: list[dict[str, Any]] | None = None,
+        *,
+        single: bool = False,
     ) -> Results:
         """Run a task of this class for each set of arguments; their results, in order.
 
         The same as making each task and calling its ``_run``, without making
         the tasks when the class wraps a plain function (a chunk's fast path:
         the calls run in a C loop that is resumed after a task that raises).
+        With ``single``, ``args_list`` holds each task's only argument, bare.
         """
         values: list[Any] = []
         errors: dict[int, BaseException] = {}
+        # Where the class is a plain function's (``plain``), its tasks need not be
+        # made to run them: the function is called on their arguments.
         function = cls.__dict__.get("function")
-        if function is None or cls._execute is not function.__func__:
-            kwargs_list = kwargs_list or [{}] * len(args_list)
-            for index, (args, kwargs) in enumerate(zip(args_list, kwargs_list, strict=True)):
-                ok, value = cls(*args, **kwargs)._run()
-                values.append(value if ok else None)
-                if not ok:
-                    errors[index] = value
-            return values, errors
-        execute = function.__func__
-        if kwargs_list is None:
-            # starmap takes the next arguments on each call, so after a task raised,
-            # extending again goes on with the task after it.
-            calls = starmap(execute, args_list)
+        execute: Callable[..., Any] = function.__func__ if function is not None else cls._execute
+        plain = function is not None and cls._execute is execute
+        if plain and kwargs_list is None:
+            # map and starmap take the next arguments on each call, so after a task
+            # raised, extending again goes on with the task after it.
+            calls = map(execute, args_list) if single else starmap(execute, args_list)
             while True:
                 try:
                     values.extend(calls)
                     return values, errors
                 except Exception as exc:
                     index = len(values)
-                    errors[index] = cls._annotate(exc, args_list[index], {})
+                    args = (args_list[index],) if single else args_list[index]
+                    errors[index] = cls._annotate(exc, args, {})
                     values.append(None)
+        if single:
+            args_list = list(zip(args_list))
+        kwargs_list = kwargs_list or [{}] * len(args_list)
         for index, (args, kwargs) in enumerate(zip(args_list, kwargs_list, strict=True)):
-            try:
-                values.append(execute(*args, **kwargs))
-            except Exception as exc:
-                errors[index] = cls._annotate(exc, args, kwargs)
-                values.append(None)
+            if plain:
+                try:
+                    values.append(execute(*args, **kwargs))
+                except Exception as exc:
+                    errors[index] = cls._annotate(exc, args, kwargs)
+                    values.append(None)
+            else:
+                ok, value = cls(*args, **kwargs)._run()
+                values.append(value if ok else None)
+                if not ok:
+                    errors[index] = value
         return values, errors
 
     def __repr__(self) -> str:
@@ -228,32 +238,39 @@ class _TaskFactory:
 class TaskBatch:
     """Tasks of one class, held as their arguments: a compact unit, ready to run.
 
-    Iterating over it makes the tasks; :meth:`run` runs them without doing so.
+    ``args`` holds each task's positional arguments as a tuple or, when
+    ``single`` is true, each task's only argument as it is (one tuple less per
+    task to make, pickle and unpickle). Iterating over it makes the tasks;
+    :meth:`run` runs them without doing so.
     """
 
-    __slots__ = ("args", "cls", "kwargs")
+    __slots__ = ("args", "cls", "kwargs", "single")
 
     def __init__(
         self,
         cls: type[Task],
-        args: list[tuple[Any, ...]],
+        args: list[Any],
         kwargs: list[dict[str, Any]] | None = None,
+        *,
+        single: bool = False,
     ) -> None:
         self.cls = cls
         self.args = args
         self.kwargs = kwargs
+        self.single = single
 
     def run(self) -> Results:
-        return self.cls._run_many(self.args, self.kwargs)
+        return self.cls._run_many(self.args, self.kwargs, single=self.single)
 
     def __len__(self) -> int:
         return len(self.args)
 
     def __iter__(self) -> Iterator[Task]:
         cls = self.cls
+        args = zip(self.args) if self.single else self.args
         if self.kwargs is None:
-            return itertools.starmap(cls, self.args)
-        return (cls(*args, **kwargs) for args, kwargs in zip(self.args, self.kwargs, strict=True))
+            return itertools.starmap(cls, args)
+        return (cls(*each, **kwargs) for each, kwargs in zip(args, self.kwargs, strict=True))
 
 
 def outcomes_of(values: list[Any], errors: dict[int, BaseException]) -> list[Outcome]:

@@ -138,6 +138,21 @@ def limited_sleep(seconds: float, value: Any = None) -> Any:
     return value
 
 
+class Scaled(papyros.Task):
+    """A Task written as a class: its own ``__init__`` and ``_execute``."""
+
+    __slots__ = ("factor",)
+
+    def __init__(self, x: int, factor: int = 10) -> None:
+        super().__init__(x)
+        self.factor = factor
+
+    def _execute(self, x: int) -> int:
+        if x < 0:
+            raise ValueError(f"negative: {x}")
+        return x * self.factor
+
+
 # -- for the distributed backend's tests (tests/test_pyro.py)
 
 

@@ -14,6 +14,7 @@ import pytest
 import papyros
 from tests.conftest import DispatcherFactory
 from tests.tasks import (
+    Scaled,
     add,
     annotated_failure,
     fail_if_odd,
@@ -247,6 +248,18 @@ def test_map_runs_the_task_type_on_each_argument(
     if ordered:
         assert results == [i * i for i in range(300)]
     assert dispatcher.num_queues() == 0
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_map_runs_task_classes_with_their_own_init(
+    dispatcher: papyros.TaskDispatcher, chunksize: int
+) -> None:
+    results = dispatcher.map(Scaled, [1, -2, 3], ordered=True, chunksize=chunksize)
+    assert next(results) == 10
+    with pytest.raises(ValueError, match="negative: -2"):
+        next(results)
+    assert list(results) == [30]
+    assert list(dispatcher.map(Scaled, [1, 2], [3, 4], ordered=True)) == [3, 8]
 
 
 def test_map_pairs_several_iterables_up_to_the_shortest(
