@@ -570,7 +570,9 @@ class Scheduler:
 
 
 def _size(payload: Any) -> int:
-    """The size of a payload or outcome that is bytes; 0 for anything else."""
+    """The size of a payload or outcome that is bytes, or a tuple of bytes; 0 for anything else."""
+    if isinstance(payload, tuple):
+        return sum(_size(piece) for piece in payload)
     return len(payload) if isinstance(payload, (bytes, bytearray)) else 0
 
 

@@ -88,6 +88,11 @@ def _by_value_needed(value: object, data: bytes) -> bool:
     """Whether ``data``, the plain pickle of ``value``, names something in ``__main__``."""
     if len(data) <= _SEARCH_BYTES:
         return _MAIN_MARKER in data
+    return _names_main(value)
+
+
+def _names_main(value: object) -> bool:
+    """Whether the plain pickle of ``value`` names something in ``__main__``."""
     try:
         _MainScanner(_Discard(), _PROTOCOL).dump(value)
     except _MainFound:
@@ -183,10 +188,57 @@ def _dumps(value: object) -> bytes:
     return data
 
 
-class PickleCodec(Codec):
-    """Pickles each unit once in the client and its outcomes once in the worker."""
+class _Pieces:
+    """A file that keeps what a pickler writes to it, in pieces.
+
+    A pickler writes a large ``bytes`` object of the value it pickles as it is,
+    in a write of its own: it is kept by reference (it cannot change), never
+    copied. Any other buffer (a bytearray, which could change) is copied.
+    """
+
+    __slots__ = ("pieces", "size")
 
     def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        piece = data if type(data) is bytes else bytes(data)
+        self.pieces.append(piece)
+        self.size += len(piece)
+        return len(piece)
+
+
+def _dumps_in_pieces(value: object) -> bytes | tuple[bytes, ...]:
+    """Like :func:`_dumps`, but a large pickle comes as a tuple of pieces holding the large
+    ``bytes`` objects of ``value`` themselves: a 1 MB argument or result is not copied."""
+    out = _Pieces()
+    try:
+        pickle.Pickler(out, _PROTOCOL).dump(value)
+    except Exception:
+        return _cloudpickle().dumps(value, _PROTOCOL)  # type: ignore[no-any-return]
+    if out.size <= _SEARCH_BYTES:
+        data = b"".join(out.pieces)
+        if _MAIN_MARKER in data:
+            return _cloudpickle().dumps(value, _PROTOCOL)  # type: ignore[no-any-return]
+        return data
+    if _names_main(value):
+        return _cloudpickle().dumps(value, _PROTOCOL)  # type: ignore[no-any-return]
+    return tuple(out.pieces)
+
+
+class PickleCodec(Codec):
+    """Pickles each unit once in the client and its outcomes once in the worker.
+
+    Args:
+        pieces: payloads over 64 KB may be tuples of ``bytes`` that travel back
+            to back (see :func:`_dumps_in_pieces`), for a transport that sends
+            such tuples as they are and delivers them as one buffer (the process
+            backend's pipes). Otherwise every payload is ``bytes``.
+    """
+
+    def __init__(self, *, pieces: bool = False) -> None:
+        self._dumps = _dumps_in_pieces if pieces else _dumps
         # Client side: how each task class travels (itself, or its by-value pickle).
         self._class_refs: dict[type, type | bytes] = {}
         # Worker side: classes rebuilt from their by-value pickle, by that pickle.
@@ -194,7 +246,7 @@ class PickleCodec(Codec):
 
     # ---------------------------------------------------------------- client side
 
-    def encode_unit(self, tasks: Unit) -> bytes:
+    def encode_unit(self, tasks: Unit) -> bytes | tuple[bytes, ...]:
         # The body: (class or its by-value pickle, arguments, keyword arguments or
         # None, whether each task's arguments are its only one, bare); or, for
         # tasks of several classes, (None, the tasks).
@@ -211,7 +263,7 @@ class PickleCodec(Codec):
         else:
             body = (None, tasks)
         try:
-            data = _dumps(body)
+            data = self._dumps(body)
         except Exception as exc:
             raise SerializationError(_culprit(tasks, exc)) from exc
         return data
@@ -267,11 +319,13 @@ class PickleCodec(Codec):
             cls = ref
         return TaskBatch(cls, body[1], body[2], single=body[3])
 
-    def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> bytes:
+    def encode_results(
+        self, values: list[Any], errors: dict[int, BaseException]
+    ) -> bytes | tuple[bytes, ...]:
         failures = {index: _Failure.of(exc) for index, exc in errors.items()}
         header = len(values).to_bytes(_COUNT_BYTES, "little") + (b"\x01" if failures else b"\x00")
         try:
-            data = _dumps((values, failures) if failures else values)
+            data = self._dumps((values, failures) if failures else values)
         except Exception:
             # Some result cannot travel: it becomes a failure saying why, the rest go on.
             values = list(values)
@@ -282,6 +336,8 @@ class PickleCodec(Codec):
                     values[index] = None
             data = _cloudpickle().dumps((values, failures), _PROTOCOL)
             header = header[:_COUNT_BYTES] + b"\x01"
+        if isinstance(data, tuple):
+            return (header, *data)
         return header + data
 
 

@@ -255,7 +255,7 @@ class _WorkerCodec(PickleCodec):
     """The worker's codec: a unit that cannot be unpickled fails task by task, never the worker."""
 
     def __init__(self, source: _PipeWorkSource) -> None:
-        super().__init__()
+        super().__init__(pieces=True)
         self._source = source
 
     def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
@@ -520,7 +520,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                 f"unknown start method {self.start_method!r}; this platform supports "
                 f"{', '.join(multiprocessing.get_all_start_methods())}"
             ) from exc
-        self._pickle = PickleCodec()
+        self._pickle = PickleCodec(pieces=True)
         self._pipe_bytes = _pipe_bytes(self.num_workers)
         super().__init__(size, codec=self._pickle, max_attempts=max_attempts)
         # Protects the worker table, every _Worker's fields, _work_seq and _closing;
@@ -810,7 +810,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             outcomes: list[Outcome] = [(False, error)] + [
                 (False, TimeoutError(str(error))) for _ in range(timer.ntasks - 1)
             ]
-            payload = self._pickle.encode_outcomes(outcomes)
+            payload = PickleCodec().encode_outcomes(outcomes)  # One buffer: it stays here.
             self._scheduler.complete(worker.pid, timer.unit_id, timer.attempt, payload)
             exitcode, reason = None, "was killed because a task ran over its time limit"
         held = len(self._scheduler.held_by(worker.pid))
