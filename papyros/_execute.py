@@ -90,6 +90,10 @@ class ResultIterator(Closing, Iterator[Any]):
             ok, value = item
             if ok:
                 return value
+            if isinstance(value, StopIteration):
+                # Raised from here it would end the iteration and lose the results after
+                # it; a generator turns it into this RuntimeError too (PEP 479).
+                raise RuntimeError("a task raised StopIteration") from value
             raise value
         if self._closed:
             raise StopIteration

@@ -133,12 +133,18 @@ class Task:
             while True:
                 try:
                     values.extend(calls)
-                    return values, errors
                 except Exception as exc:
-                    index = len(values)
-                    args = (args_list[index],) if single else args_list[index]
-                    errors[index] = cls._annotate(exc, args, {})
-                    values.append(None)
+                    error: Exception = exc
+                else:
+                    if len(values) == len(args_list):
+                        return values, errors
+                    # extend() took a task's StopIteration for the end of the calls, and
+                    # swallowed it: as a generator does (PEP 479), it is a RuntimeError.
+                    error = RuntimeError("the task raised StopIteration")
+                index = len(values)
+                args = (args_list[index],) if single else args_list[index]
+                errors[index] = cls._annotate(error, args, {})
+                values.append(None)
         if single:
             args_list = list(zip(args_list))
         kwargs_list = kwargs_list or [{}] * len(args_list)

@@ -56,6 +56,13 @@ def annotated_failure(x: int) -> int:
 
 
 @papyros.Task.subclass()
+def stop_at(x: int, last: int) -> int:
+    if x == last:
+        raise StopIteration(x)
+    return x
+
+
+@papyros.Task.subclass()
 def add(x: int, y: int = 0) -> int:
     return x + y
 

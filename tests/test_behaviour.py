@@ -24,6 +24,7 @@ from tests.tasks import (
     record,
     sleep_then,
     square,
+    stop_at,
 )
 
 COMBINATIONS = [
@@ -142,6 +143,21 @@ def test_loops_and_next_share_one_stream_of_results(
     expected = [i if i % 2 == 0 else f"odd: {i}" for i in range(40)]
     assert seen == expected
     assert list(results) == []
+
+
+def test_a_task_raising_stop_iteration_ends_no_iteration(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    # StopIteration raised at the consumer would end its loop and lose the results after it.
+    results = dispatcher.execute((stop_at(i, 2) for i in range(5)), ordered=True, chunksize=2)
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        next(results)
+    assert list(results) == [3, 4]
+    looped = []
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        looped.extend(dispatcher.map(stop_at, range(5), itertools.repeat(2), ordered=True))
+    assert looped == [0, 1]
 
 
 @pytest.mark.parametrize("chunksize", [1, 5])
