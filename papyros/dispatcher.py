@@ -17,7 +17,7 @@ import enum
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from papyros._deadline import check_size, deadline_after
@@ -216,6 +216,13 @@ class TaskQueue(Closing):
         return self._ready.popleft()
 
 
+def _check_iteration(timeout: float | None, chunksize: int) -> None:
+    """Validate the options of ``execute`` and ``map``."""
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+        raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
+    deadline_after(timeout)
+
+
 def _unwrap(outcome: Outcome) -> Any:
     ok, value = outcome
     if ok:
@@ -306,21 +313,8 @@ class TaskDispatcher(Closing, ABC):
             ValueError: ``chunksize`` < 1, or a negative ``timeout`` or ``qsize``.
             ClosedTaskDispatcherError: the dispatcher is closed.
         """
-        from papyros._execute import ResultIterator
-
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
-        deadline_after(timeout)  # validates it
-        iterator = iter(tasks)
-        queue = self.make_queue(qsize)
-        return ResultIterator(
-            queue,
-            iterator,
-            timeout=timeout,
-            ordered=ordered,
-            chunksize=chunksize,
-            window=self._execute_window(),
-        )
+        _check_iteration(timeout, chunksize)
+        return self._iterate(iter(tasks), timeout, ordered, chunksize, qsize)
 
     def map(
         self,
@@ -354,8 +348,6 @@ class TaskDispatcher(Closing, ABC):
             ValueError: ``chunksize`` < 1, or a negative ``timeout`` or ``qsize``.
             ClosedTaskDispatcherError: the dispatcher is closed.
         """
-        from papyros._execute import ResultIterator
-
         if not (isinstance(task_type, type) and issubclass(task_type, Task)):
             raise TypeError(
                 f"map() takes a Task type (e.g. a function decorated with "
@@ -363,17 +355,30 @@ class TaskDispatcher(Closing, ABC):
             )
         if not iterables:
             raise TypeError("map() needs at least one iterable of arguments")
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
-        deadline_after(timeout)  # validates it
+        _check_iteration(timeout, chunksize)
         # One iterable: each item is the only argument, no tuple needed. Several: paired
         # as the builtin map() pairs them, up to the shortest.
         single = len(iterables) == 1
         arguments = iter(iterables[0]) if single else zip(*iterables, strict=False)
+        return self._iterate(arguments, timeout, ordered, chunksize, qsize, task_type, single)
+
+    def _iterate(
+        self,
+        source: Iterator[Any],
+        timeout: float | None,
+        ordered: bool,
+        chunksize: int,
+        qsize: int,
+        task_type: type[Task] | None = None,
+        single: bool = False,
+    ) -> ResultIterator:
+        """The iterator of ``execute`` (tasks) or ``map`` (arguments of ``task_type``)."""
+        from papyros._execute import ResultIterator
+
         queue = self.make_queue(qsize)
         return ResultIterator(
             queue,
-            arguments,
+            source,
             timeout=timeout,
             ordered=ordered,
             chunksize=chunksize,
