@@ -1495,6 +1495,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="about a tenth of the work")
     parser.add_argument(
+        "--chunksizes",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        default=Sizes.w1_chunksizes,
+        help="W1's chunksizes, comma-separated (default: 1,1000)",
+    )
+    parser.add_argument(
         "--start-method",
         choices=multiprocessing.get_all_start_methods(),
         default="spawn",
@@ -1519,12 +1525,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.repeat < 1:
         parser.error("--workers and --repeat must be at least 1")
+    if not args.chunksizes or min(args.chunksizes) < 1:
+        parser.error("--chunksizes must be whole numbers of at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sizes = Sizes().quick() if args.quick else Sizes()
+    sizes = replace(Sizes().quick() if args.quick else Sizes(), w1_chunksizes=args.chunksizes)
     settings = Settings(args.workers, args.start_method, args.repeat, sizes)
     selected = [WORKLOADS[name] for name in args.workloads]
     started = time.perf_counter()
