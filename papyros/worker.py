@@ -82,5 +82,7 @@ def run_unit(payload: Any, codec: Codec) -> Any:
 def work(source: WorkSource, codec: Codec) -> None:
     """Run units from ``source`` until it says stop."""
     while assignments := source.take():
+        # Iterate over the very list take() returned: a source may shorten it from
+        # finish() to hand back the units not started yet (the remote worker does).
         for assignment in assignments:
             source.finish(assignment, run_unit(assignment.payload, codec))
