@@ -90,11 +90,7 @@ class ResultIterator(Closing, Iterator[Any]):
             ok, value = item
             if ok:
                 return value
-            if isinstance(value, StopIteration):
-                # Raised from here it would end the iteration and lose the results after
-                # it; a generator turns it into this RuntimeError too (PEP 479).
-                raise RuntimeError("a task raised StopIteration") from value
-            raise value
+            raise _raisable(value)
         if self._closed:
             raise StopIteration
         try:
@@ -111,7 +107,7 @@ class ResultIterator(Closing, Iterator[Any]):
             else:
                 for ok, value in self._current:
                     if not ok:
-                        raise value
+                        raise _raisable(value)
                     yield value
             if self._closed:
                 return
@@ -250,3 +246,17 @@ class ResultIterator(Closing, Iterator[Any]):
             raise
         for unit_id in ids:
             self._sent[unit_id] = unsent.popleft()[0]
+
+
+def _raisable(error: BaseException) -> BaseException:
+    """What to raise at the consumer for a task's exception.
+
+    A task's StopIteration, raised as it is, would end the consumer's loop and
+    lose the results after it: it becomes a RuntimeError, as in a generator
+    (PEP 479).
+    """
+    if isinstance(error, StopIteration):
+        wrapped = RuntimeError("a task raised StopIteration")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
