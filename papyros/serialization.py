@@ -252,11 +252,11 @@ class PickleCodec(Codec):
         # tasks of several classes, (None, the tasks).
         body: tuple[Any, ...]
         if isinstance(tasks, TaskBatch):
-            ref = self._class_refs.get(tasks.cls) or self._class_ref(tasks.cls, tasks)
+            ref = self._class_ref(tasks.cls, tasks)
             body = (ref, tasks.args, tasks.kwargs, tasks.single)
         elif len(tasks) == 1 or len(set(map(type, tasks))) == 1:
             first = type(tasks[0])
-            ref = self._class_refs.get(first) or self._class_ref(first, tasks)
+            ref = self._class_ref(first, tasks)
             args = list(map(_args, tasks))
             kwargs = list(map(_kwargs, tasks)) if any(map(_kwargs, tasks)) else None
             body = (ref, args, kwargs, False)
@@ -270,6 +270,9 @@ class PickleCodec(Codec):
 
     def _class_ref(self, cls: type[Task], tasks: Unit) -> type | bytes:
         """A class itself if workers can import it by name, else its by-value pickle."""
+        known = self._class_refs.get(cls)
+        if known is not None:
+            return known
         ref: type | bytes = cls
         if cls.__module__ == "__main__":
             ref = b""
