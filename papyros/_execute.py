@@ -12,7 +12,13 @@ second. Both read the same state, so they can be mixed freely.
 
 Positions: every unit pulled from the input gets the next position (0, 1,
 ...). A unit is a chunk of up to ``chunksize`` tasks, or a single outcome
-made here (a ``TypeError`` for an input item that is not a Task).
+made here: a ``TypeError`` for an input item that is not a Task, or the
+``SerializationError`` of a task that cannot be sent.
+
+Each chunk is encoded as soon as it is pulled, and its tasks are freed: tasks
+that lived on until their send would survive into the garbage collector's
+oldest generation by the thousand, and make its full collections, which
+visit every object of the program, frequent.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ from itertools import islice, repeat
 from typing import TYPE_CHECKING, Any
 
 from papyros._lifecycle import Closing
-from papyros.errors import TimeoutError
-from papyros.task import Results, Task, TaskBatch, Unit, outcomes_of
+from papyros.errors import SerializationError, TimeoutError
+from papyros.scheduler import payload_size
+from papyros.task import Encoded, Results, Task, TaskBatch, Unit, outcomes_of
 
 if TYPE_CHECKING:
     from papyros.dispatcher import TaskQueue
 
 __all__ = ["ResultIterator"]
+
+# Unsent payloads are sent once they reach this size, even with room left in the
+# window: large payloads are not all held at once (their tasks may share the data).
+_SEND_BYTES = 4 * 1024 * 1024
 
 
 class ResultIterator(Closing, Iterator[Any]):
@@ -66,8 +77,10 @@ class ResultIterator(Closing, Iterator[Any]):
         self._exhausted = False
         self._input_error: Exception | None = None
         self._next_position = 0
-        # Chunks pulled from the input that the dispatcher has not accepted yet.
-        self._unsent: deque[tuple[int, Unit]] = deque()
+        # Units pulled from the input, encoded, that the dispatcher has not accepted yet,
+        # with their positions and sizes; and the sum of those sizes.
+        self._unsent: deque[tuple[int, Encoded, int]] = deque()
+        self._unsent_bytes = 0
         # Position of each unit sent and not yet received, by unit id.
         self._sent: dict[int, int] = {}
         # Finished units not yet yielded: by position when ordered, else in finishing order.
@@ -126,6 +139,7 @@ class ResultIterator(Closing, Iterator[Any]):
             return
         self._closed = True
         self._unsent.clear()
+        self._unsent_bytes = 0
         self._sent.clear()
         self._done.clear()
         self._done_fifo.clear()
@@ -183,6 +197,10 @@ class ResultIterator(Closing, Iterator[Any]):
         """Pull units from the input up to the window, then send what can be sent."""
         while self._outstanding < self._window and not self._exhausted:
             self._pull()
+            if self._unsent_bytes >= _SEND_BYTES:
+                self._send(time.monotonic() if self._sent else deadline)
+                if self._unsent:
+                    return  # The dispatcher is full: pull no more until it drains.
         if self._unsent and self._sent:
             # Work is in flight: never block here, a full dispatcher will drain.
             self._send(time.monotonic())
@@ -199,13 +217,14 @@ class ResultIterator(Closing, Iterator[Any]):
             self._input_error = exc
         if len(chunk) < self._chunksize:
             self._exhausted = True  # The input ended, or raised.
+        if not chunk:
+            return
         if self._task_type is not None:
-            if chunk:
-                self._add_unsent(TaskBatch(self._task_type, chunk, single=self._single))
-        elif not all(map(isinstance, chunk, repeat(Task))):
+            self._add_unit(TaskBatch(self._task_type, chunk, single=self._single))
+        elif all(map(isinstance, chunk, repeat(Task))):
+            self._add_unit(chunk)
+        else:
             self._pull_mixed(chunk)
-        elif chunk:
-            self._add_unsent(chunk)
 
     def _pull_mixed(self, items: list[Any]) -> None:
         """Split a chunk around its items that are not tasks: each is a TypeError, in place."""
@@ -215,15 +234,28 @@ class ResultIterator(Closing, Iterator[Any]):
                 chunk.append(item)
                 continue
             if chunk:
-                self._add_unsent(chunk)
+                self._add_unit(chunk)
                 chunk = []
             error = TypeError(f"execute() takes Task objects; got {type(item).__name__} {item!r}")
             self._add_done(([None], {0: error}))
         if chunk:
-            self._add_unsent(chunk)
+            self._add_unit(chunk)
 
-    def _add_unsent(self, chunk: Unit) -> None:
-        self._unsent.append((self._next_position, chunk))
+    def _add_unit(self, unit: Unit) -> None:
+        """Encode a unit to send; a task that cannot be encoded is an outcome of its own."""
+        try:
+            encoded = self._queue._encode_unit(unit)
+        except SerializationError as exc:
+            if len(unit) == 1:
+                self._add_done(([None], {0: exc}))
+            else:
+                # Rare: the tasks of the unit go one by one, each with its own outcome.
+                for one in _one_by_one(unit):
+                    self._add_unit(one)
+            return
+        size = payload_size(encoded[0])
+        self._unsent.append((self._next_position, encoded, size))
+        self._unsent_bytes += size
         self._next_position += 1
         self._outstanding += 1
 
@@ -236,16 +268,29 @@ class ResultIterator(Closing, Iterator[Any]):
         self._outstanding += 1
 
     def _send(self, deadline: float | None) -> None:
-        """Send unsent chunks; accept a partial send, wait only if nothing is in flight."""
+        """Send unsent units; accept a partial send, wait only if nothing is in flight."""
         unsent = self._unsent
         try:
-            ids = self._queue._send_units([chunk for _, chunk in unsent], deadline)
+            ids = self._queue._send_units([encoded for _, encoded, _ in unsent], deadline)
         except TimeoutError:
             if self._sent:
                 return  # The dispatcher is full; it will drain as our work finishes.
             raise
         for unit_id in ids:
-            self._sent[unit_id] = unsent.popleft()[0]
+            position, _, size = unsent.popleft()
+            self._sent[unit_id] = position
+            self._unsent_bytes -= size
+
+
+def _one_by_one(unit: Unit) -> list[Unit]:
+    """A unit's tasks, each as a unit of its own."""
+    if isinstance(unit, TaskBatch):
+        kwargs = [None] * len(unit) if unit.kwargs is None else unit.kwargs
+        return [
+            TaskBatch(unit.cls, [args], None if each is None else [each], single=unit.single)
+            for args, each in zip(unit.args, kwargs, strict=True)
+        ]
+    return [[task] for task in unit]
 
 
 def _raisable(error: BaseException) -> BaseException:

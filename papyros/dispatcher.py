@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from papyros._deadline import check_size, deadline_after
 from papyros._lifecycle import Closing
 from papyros.errors import ClosedTaskDispatcherError, ClosedTaskQueueError, TimeoutError
-from papyros.task import Outcome, Results, Task, Unit, outcomes_of
+from papyros.task import Encoded, Outcome, Results, Task, Unit, outcomes_of
 
 if TYPE_CHECKING:
     from papyros._execute import ResultIterator
@@ -35,19 +35,28 @@ __all__ = ["QueueLink", "TaskDispatcher", "TaskQueue"]
 class QueueLink(ABC):
     """A backend's side of one :class:`TaskQueue`: moves units of tasks out, outcomes in.
 
-    A unit is a list of tasks that travels and runs as one piece of work.
+    A unit is a list of tasks that travels and runs as one piece of work. It is
+    encoded (:meth:`encode`) as soon as it is made, so that its tasks can be
+    freed, and sent (:meth:`send`) encoded, many units at a time.
     """
 
     @abstractmethod
-    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
-        """Submit units; accept as many as the dispatcher's bound allows.
+    def encode(self, unit: Unit) -> Encoded:
+        """A unit as it travels: ``(payload, number of tasks)``.
+
+        Raises:
+            SerializationError: a task cannot be serialized; the message names it.
+        """
+
+    @abstractmethod
+    def send(self, units: list[Encoded], deadline: float | None) -> list[int]:
+        """Submit encoded units; accept as many as the dispatcher's bound allows.
 
         Returns:
             An id for each accepted unit: a prefix of ``units``, never empty.
 
         Raises:
             TimeoutError: ``deadline`` passed before any unit was accepted.
-            SerializationError: a task cannot be serialized (nothing is sent).
         """
 
     @abstractmethod
@@ -115,7 +124,7 @@ class TaskQueue(Closing):
             raise TypeError(f"push() takes a Task, not {type(task).__name__} {task!r}")
         deadline = deadline_after(timeout)
         self._check_open()
-        self._link.send([[task]], deadline)
+        self._link.send([self._link.encode([task])], deadline)
         self._outstanding += 1
 
     def pop(self, timeout: float | None = None) -> Any:
@@ -190,7 +199,10 @@ class TaskQueue(Closing):
 
     # -- used by ResultIterator, which owns its queue and tracks units itself
 
-    def _send_units(self, units: list[Unit], deadline: float | None) -> list[int]:
+    def _encode_unit(self, unit: Unit) -> Encoded:
+        return self._link.encode(unit)
+
+    def _send_units(self, units: list[Encoded], deadline: float | None) -> list[int]:
         self._check_open()
         return self._link.send(units, deadline)
 
@@ -304,8 +316,11 @@ class TaskDispatcher(Closing, ABC):
             An iterator of results. ``next()`` raises the exception of a task
             that raised one, and the following ``next()`` goes on. An item of
             ``tasks`` that is not a Task comes out as a ``TypeError`` in its
-            place; an exception raised by ``tasks`` itself comes out once every
-            result before it has been yielded, and ends the iteration.
+            place, and a task that cannot be sent to the workers as a
+            :class:`~papyros.SerializationError` in its place; the other tasks
+            of its chunk still run. An exception raised by ``tasks`` itself
+            comes out once every result before it has been yielded, and ends
+            the iteration.
             Closing the iterator (``close()``, ``with``, or dropping it)
             cancels the tasks it has pending.
 

@@ -51,7 +51,7 @@ from papyros.errors import (
     WorkerLostError,
 )
 
-__all__ = ["Assignment", "Finished", "Scheduler"]
+__all__ = ["Assignment", "Finished", "Scheduler", "payload_size"]
 
 
 class _Unit:
@@ -287,9 +287,9 @@ class Scheduler:
                 max_units = len(finished)
             if max_bytes:
                 taken = [finished.popleft()]
-                size = _size(taken[0].outcome)
+                size = payload_size(taken[0].outcome)
                 while len(taken) < max_units:
-                    size += _size(finished[0].outcome)
+                    size += payload_size(finished[0].outcome)
                     if size > max_bytes:
                         break
                     taken.append(finished.popleft())
@@ -343,7 +343,7 @@ class Scheduler:
                 if taken and taken_tasks >= fair_share:
                     break
                 if max_bytes:
-                    taken_bytes += _size(ring[0].pending[0].payload)
+                    taken_bytes += payload_size(ring[0].pending[0].payload)
                     if taken and taken_bytes > max_bytes:
                         break
                 queue = ring.popleft()
@@ -569,10 +569,10 @@ class Scheduler:
             self._close_queue(self._orphans.popleft())
 
 
-def _size(payload: Any) -> int:
+def payload_size(payload: Any) -> int:
     """The size of a payload or outcome that is bytes, or a tuple of bytes; 0 for anything else."""
     if isinstance(payload, tuple):
-        return sum(_size(piece) for piece in payload)
+        return sum(payload_size(piece) for piece in payload)
     return len(payload) if isinstance(payload, (bytes, bytearray)) else 0
 
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, TypeAlias
 
 from papyros.errors import UnprocessedTaskError
 
-__all__ = ["Outcome", "Results", "Task", "TaskBatch", "Unit", "outcomes_of"]
+__all__ = ["Encoded", "Outcome", "Results", "Task", "TaskBatch", "Unit", "outcomes_of"]
 
 #: What running a task produced: ``(True, result)`` or ``(False, exception)``.
 Outcome: TypeAlias = tuple[bool, Any]
@@ -289,3 +289,6 @@ def outcomes_of(values: list[Any], errors: dict[int, BaseException]) -> list[Out
 
 #: A unit of work in a client: tasks, or tasks of one class held as their arguments.
 Unit: TypeAlias = "list[Task] | TaskBatch"
+
+#: A unit ready to send: its payload (see :class:`~papyros.worker.Codec`) and its number of tasks.
+Encoded: TypeAlias = tuple[Any, int]

@@ -163,6 +163,32 @@ def test_an_unpicklable_argument_fails_at_push_naming_it(make: Factory) -> None:
         assert queue.pop(timeout=30) == "still usable"
 
 
+@pytest.mark.parametrize("how", ["execute", "map"])
+def test_a_task_that_cannot_be_sent_is_an_outcome_and_its_chunk_still_runs(
+    make: Factory, how: str
+) -> None:
+    dispatcher = make(1)
+    items = [1, threading.Lock(), 3, 4]
+    if how == "execute":
+        results = dispatcher.execute((identity(item) for item in items), ordered=True, chunksize=4)
+    else:
+        results = dispatcher.map(identity, items, ordered=True, chunksize=4)
+    assert next(results) == 1
+    with pytest.raises(papyros.SerializationError, match="argument 0"):
+        next(results)
+    assert list(results) == [3, 4]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_payloads_of_many_megabytes_arrive_whole_and_in_order(
+    make: Factory, chunksize: int
+) -> None:
+    # 12 MB: execute sends what it has pulled every few MB, not the whole window at once.
+    payloads = [bytes([index]) * 1_000_000 for index in range(12)]
+    tasks = (identity(payload) for payload in payloads)
+    assert list(make(2).execute(tasks, ordered=True, chunksize=chunksize)) == payloads
+
+
 def test_lambdas_and_closures_travel_by_value(make: Factory) -> None:
     offset = 10
 

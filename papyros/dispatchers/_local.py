@@ -11,7 +11,7 @@ from papyros._deadline import check_size
 from papyros.dispatcher import QueueLink, TaskDispatcher
 from papyros.errors import ClosedTaskDispatcherError
 from papyros.scheduler import Assignment, Scheduler
-from papyros.task import Results, Unit
+from papyros.task import Encoded, Results, Unit
 from papyros.worker import Codec, WorkSource
 
 __all__ = ["CoreDispatcher", "CoreQueueLink", "CoreWorkSource", "available_cpus", "resolve_workers"]
@@ -39,10 +39,11 @@ class CoreQueueLink(QueueLink):
         self._queue_id = queue_id
         self._codec = codec
 
-    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
-        encode = self._codec.encode_unit
-        encoded = [(encode(tasks), len(tasks)) for tasks in units]
-        return self._scheduler.submit(self._queue_id, encoded, deadline)
+    def encode(self, unit: Unit) -> Encoded:
+        return self._codec.encode_unit(unit), len(unit)
+
+    def send(self, units: list[Encoded], deadline: float | None) -> list[int]:
+        return self._scheduler.submit(self._queue_id, units, deadline)
 
     def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
         decode = self._codec.decode_results

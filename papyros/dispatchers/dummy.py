@@ -12,7 +12,7 @@ from papyros.dispatcher import QueueLink
 from papyros.dispatchers._local import CoreDispatcher, CoreQueueLink
 from papyros.errors import ClosedTaskDispatcherError
 from papyros.scheduler import Scheduler
-from papyros.task import Results, Unit
+from papyros.task import Encoded, Results
 from papyros.worker import Codec, InProcessCodec, run_unit
 
 __all__ = ["DummyTaskDispatcher"]
@@ -27,7 +27,7 @@ class _InlineLink(CoreQueueLink):
     def __init__(self, scheduler: Scheduler, queue_id: int, codec: Codec) -> None:
         super().__init__(scheduler, queue_id, codec)
 
-    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
+    def send(self, units: list[Encoded], deadline: float | None) -> list[int]:
         while True:
             try:
                 # Only wait if running pending work inline cannot make room.

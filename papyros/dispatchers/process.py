@@ -73,7 +73,7 @@ from papyros.errors import (
 )
 from papyros.scheduler import Assignment, Scheduler
 from papyros.serialization import PickleCodec
-from papyros.task import Outcome, Results, Task, TaskBatch, Unit
+from papyros.task import Encoded, Outcome, Results, Task, TaskBatch
 from papyros.worker import WorkSource, work
 
 __all__ = ["MultiProcessTaskDispatcher"]
@@ -444,7 +444,7 @@ class _ProcessLink(CoreQueueLink):
         self._signal_work = signal_work
         self._bounded = bounded
 
-    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
+    def send(self, units: list[Encoded], deadline: float | None) -> list[int]:
         ids = super().send(units, deadline)
         self._signal_work()
         return ids

@@ -37,7 +37,6 @@ from papyros.errors import (
     ClosedTaskQueueError,
     CommunicationError,
     PapyrosError,
-    SerializationError,
     TimeoutError,
     WorkerLostError,
 )
@@ -57,7 +56,7 @@ from papyros.pyro.server import (
     unregister_from_name_server,
 )
 from papyros.serialization import PickleCodec
-from papyros.task import Results, Unit
+from papyros.task import Encoded, Results, Unit
 
 __all__ = ["PyroDispatcherProxy", "PyroTaskDispatcher"]
 
@@ -319,18 +318,12 @@ class RemoteQueueLink(QueueLink):
         self._codec = dispatcher._codec
         self._closed = False
 
-    def send(self, units: list[Unit], deadline: float | None) -> list[int]:
+    def encode(self, unit: Unit) -> Encoded:
+        return self._codec.encode_unit(unit), len(unit)
+
+    def send(self, units: list[Encoded], deadline: float | None) -> list[int]:
         accepted: list[int] = []
-        batches = self._encoded_batches(units)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except SerializationError:
-                if accepted:
-                    break  # The unit that cannot be sent is refused at the next call.
-                raise
+        for batch in _calls(units):
             try:
                 # Only the first call waits for room: the contract is a prefix, never empty.
                 ids = self._submit(batch, time.monotonic() if accepted else deadline)
@@ -342,23 +335,6 @@ class RemoteQueueLink(QueueLink):
             if len(ids) < len(batch):
                 break
         return accepted
-
-    def _encoded_batches(self, units: list[Unit]) -> Iterator[list[list[Any]]]:
-        """The units, encoded only as they are sent, in runs of about CALL_BYTES (at least
-        one unit per run): the client never holds more than a run of encoded payloads, and
-        the memory of each is reused warm for the next."""
-        encode = self._codec.encode_unit
-        batch: list[list[Any]] = []
-        size = 0
-        for tasks in units:
-            payload = encode(tasks)
-            if batch and size + len(payload) > CALL_BYTES:
-                yield batch
-                batch, size = [], 0
-            batch.append([payload, len(tasks)])
-            size += len(payload)
-        if batch:
-            yield batch
 
     def _submit(self, units: list[list[Any]], deadline: float | None) -> list[int]:
         while True:
@@ -414,6 +390,20 @@ class RemoteQueueLink(QueueLink):
         if not self._closed:
             self._closed = True
             self._dispatcher._doomed.append((self._incarnation, self._queue_id))
+
+
+def _calls(units: list[Encoded]) -> Iterator[list[list[Any]]]:
+    """The units in runs of about CALL_BYTES (at least one unit per run), one run a call."""
+    batch: list[list[Any]] = []
+    size = 0
+    for payload, ntasks in units:
+        if batch and size + len(payload) > CALL_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append([payload, ntasks])
+        size += len(payload)
+    if batch:
+        yield batch
 
 
 def _wait_for(deadline: float | None) -> float:
