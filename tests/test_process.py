@@ -25,7 +25,8 @@ import psutil
 import pytest
 
 import papyros
-from papyros.dispatchers.process import MultiProcessTaskDispatcher, _recv_framed, _send_framed
+from papyros.dispatchers._pipes import recv_framed, send_framed
+from papyros.dispatchers.process import MultiProcessTaskDispatcher
 from tests.tasks import (
     announce_then_sleep,
     call,
@@ -421,13 +422,11 @@ def test_a_message_of_more_buffers_than_one_write_takes_arrives_whole(
     reader, writer = multiprocessing.Pipe(duplex=False)
     received: list[tuple[Any, list[Any]]] = []
     # The pipe holds far less than the message: a thread must read while this one writes.
-    thread = threading.Thread(
-        target=lambda: received.extend(_recv_framed(reader) for _ in range(3))
-    )
+    thread = threading.Thread(target=lambda: received.extend(recv_framed(reader) for _ in range(3)))
     thread.start()
-    _send_framed(writer, ("header", 3), payloads)
-    _send_framed(writer, "small", [b"a", b"", b"bc"])
-    _send_framed(writer, "pieces", [(b"a", memoryview(b"bc")), b"d", (), (b"e" * 70_000, b"f")])
+    send_framed(writer, ("header", 3), payloads)
+    send_framed(writer, "small", [b"a", b"", b"bc"])
+    send_framed(writer, "pieces", [(b"a", memoryview(b"bc")), b"d", (), (b"e" * 70_000, b"f")])
     thread.join()
     header, got = received[0]
     assert header == ("header", 3)
@@ -439,5 +438,5 @@ def test_a_message_of_more_buffers_than_one_write_takes_arrives_whole(
     assert [bytes(payload) for payload in got] == [b"abc", b"d", b"", b"e" * 70_000 + b"f"]
     writer.close()
     with pytest.raises(EOFError):
-        _recv_framed(reader)
+        recv_framed(reader)
     reader.close()

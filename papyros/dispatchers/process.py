@@ -4,6 +4,7 @@
 
     client thread(s)         Scheduler             feeder thread k      worker process k
     ────────────────         ─────────             ───────────────      ────────────────
+                                                                        (_process_worker)
     push / execute:                                                     work() loop:
       pickle unit once ──▶ pending FIFOs ──assign─▶ batch of units ──pipe──▶ unpickle unit,
                                                     (while worker k                run tasks,
@@ -17,6 +18,11 @@
                                                      worker: worker_lost() and
                                                      a replacement; a task over
                                                      its time limit: kill
+
+This module is the dispatcher side: the worker table, the feeders and the
+reader. What runs in a worker process is in
+:mod:`papyros.dispatchers._process_worker`; how messages are framed on the
+pipes, in :mod:`papyros.dispatchers._pipes`.
 
 Bytes only cross the pipes: each unit is pickled once in the client and once
 (its outcomes) in the worker; the core, the feeders and the reader move
@@ -45,11 +51,6 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import multiprocessing.util  # Its exit hook must be registered before ours (see _OPEN).
-import os
-import pickle
-import signal
-import struct
-import sys
 import threading
 import time
 import weakref
@@ -57,24 +58,21 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-if sys.platform == "linux":
-    from fcntl import F_SETPIPE_SZ, fcntl
-
 from papyros._deadline import check_size
 from papyros.config import Config
 from papyros.dispatcher import QueueLink
 from papyros.dispatchers._local import CoreDispatcher, CoreQueueLink, resolve_workers
+from papyros.dispatchers._pipes import enlarge_pipe, pipe_bytes, recv_framed, send_framed
+from papyros.dispatchers._process_worker import worker_main
 from papyros.errors import (
     ClosedTaskDispatcherError,
     ConfigurationError,
     PapyrosError,
-    SerializationError,
     TimeoutError,
 )
-from papyros.scheduler import Assignment, Scheduler
+from papyros.scheduler import Scheduler
 from papyros.serialization import PickleCodec
-from papyros.task import Encoded, Outcome, Results, Task, TaskBatch
-from papyros.worker import WorkSource, work
+from papyros.task import Encoded, Outcome, Results
 
 __all__ = ["MultiProcessTaskDispatcher"]
 
@@ -84,7 +82,6 @@ logger = logging.getLogger(__name__)
 #: safe from a parent that already runs threads (ours always does), on every OS.
 DEFAULT_START_METHOD = "spawn"
 
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
 # How much work, in seconds, a worker is given ahead of what it has finished.
 _PREFETCH_SECONDS = 0.005
 # The fewest and most units a worker holds at once (running, waiting in its pipe). A
@@ -93,8 +90,6 @@ _PREFETCH_SECONDS = 0.005
 # a worker's pipe count as assigned, not as pending within the dispatcher's ``size``.
 _MIN_INFLIGHT = 2
 _MAX_INFLIGHT = 256
-# A worker sends its finished outcomes at least this often while it keeps running units.
-_FLUSH_SECONDS = 0.002
 # close(): how long running tasks get to finish, then how long SIGTERM gets before SIGKILL.
 _CLOSE_GRACE = 0.5
 _TERMINATE_GRACE = 2.0
@@ -102,264 +97,6 @@ _TERMINATE_GRACE = 2.0
 _EXIT_GRACE = 5.0
 # Workers that die before saying they are ready, in a row, before the dispatcher gives up.
 _MAX_FAILED_STARTS = 3
-
-
-# ==================================================================== framing
-
-# A message is a prefix (the lengths of its header and of its payloads in all), the pickled
-# header, and the payloads back to back. Messages whose payloads are smaller than this are
-# joined into one buffer before they are written; larger ones are written straight from
-# where they lie, with no copy (writev).
-_JOIN_BYTES = 1 << 16
-_PREFIX = struct.Struct("<IQ")
-# The most buffers one writev() takes.
-_IOV_MAX = 1024
-# Where pipes are not file descriptors (Windows), a message is one Connection message.
-_FD_PIPES = hasattr(os, "writev")
-# A Linux pipe holds 64 KB unless enlarged: a 1 MB unit then crosses in 16 pieces, each a
-# wake-up of the reader and of the writer. Enlarged pipes carry large units in a piece or
-# two. Pipe buffers count against a per-user budget (fs.pipe-user-pages-soft, 64 MB by
-# default) past which the user's new pipes get tiny buffers: a dispatcher takes at most
-# _PIPE_BUDGET of it, across its workers' two pipes each.
-_PIPE_BYTES = 1 << 20
-_PIPE_BUDGET = 16 << 20
-_PIPE_DEFAULT = 1 << 16
-
-
-def _pipe_bytes(num_workers: int) -> int:
-    """The size to give each of the pipes of ``num_workers`` workers: a power of two."""
-    size = _PIPE_BYTES
-    while size > _PIPE_DEFAULT and size * 2 * num_workers > _PIPE_BUDGET:
-        size //= 2
-    return size
-
-
-def _enlarge_pipe(conn: Connection, size: int) -> None:
-    """Make the pipe of ``conn`` hold ``size`` bytes where the OS allows it; else leave it."""
-    if sys.platform != "linux" or size <= _PIPE_DEFAULT:
-        return
-    try:
-        fcntl(conn.fileno(), F_SETPIPE_SZ, size)
-    except OSError as exc:  # Over fs.pipe-max-size or the user's budget: it works, slower.
-        logger.debug("could not enlarge a worker pipe to %d bytes: %s", size, exc)
-
-
-def _send_framed(conn: Connection, header: Any, payloads: list[Any]) -> None:
-    """Send a small pickled header and the opaque payloads (units or outcomes) it describes.
-
-    A payload is a bytes-like object, or a tuple of them that travel back to
-    back (a pickle in pieces, made so that a large buffer it holds is never
-    copied); the receiver gets each payload as one buffer. Payloads are never
-    pickled again, and large ones are never copied: they go from their own
-    buffers to the pipe.
-    """
-    pieces: list[Any] = []
-    lengths = []
-    for payload in payloads:
-        if type(payload) is tuple:
-            pieces.extend(payload)
-            lengths.append(sum(map(len, payload)))
-        else:
-            pieces.append(payload)
-            lengths.append(len(payload))
-    head = pickle.dumps((header, lengths), _PROTOCOL)
-    body = sum(lengths)
-    prefix = _PREFIX.pack(len(head), body)
-    if not _FD_PIPES:
-        conn.send_bytes(b"".join([prefix, head, *pieces]))
-    elif body < _JOIN_BYTES:
-        _write_all(conn.fileno(), [b"".join([prefix, head, *pieces])])
-    else:
-        _write_all(conn.fileno(), [prefix, head, *pieces])
-
-
-def _write_all(fd: int, buffers: list[Any]) -> None:
-    """Write every byte of ``buffers``, in order, to ``fd``, however the OS splits the writes."""
-    views = [memoryview(buffer) for buffer in buffers if len(buffer)]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        while views and written >= len(views[0]):
-            written -= len(views.pop(0))
-        if written:
-            views[0] = views[0][written:]
-
-
-def _recv_framed(conn: Connection) -> tuple[Any, list[Any]]:
-    """Receive what :func:`_send_framed` sent: the header, and the payloads as buffers.
-
-    The message is read straight into one buffer of its size; the payloads are
-    views of it. Raises EOFError if the pipe is closed between messages.
-    """
-    if _FD_PIPES:
-        fd = conn.fileno()
-        head_size, body_size = _PREFIX.unpack(_read_exactly(fd, _PREFIX.size, at_start=True))
-        view = memoryview(_read_exactly(fd, head_size + body_size, at_start=False))
-    else:
-        message = memoryview(conn.recv_bytes())
-        head_size, _body_size = _PREFIX.unpack(message[: _PREFIX.size])
-        view = message[_PREFIX.size :]
-    header, lengths = pickle.loads(view[:head_size])
-    payloads = []
-    end = head_size
-    for length in lengths:
-        payloads.append(view[end : end + length])
-        end += length
-    return header, payloads
-
-
-def _read_exactly(fd: int, size: int, *, at_start: bool) -> bytearray:
-    """Read ``size`` bytes from ``fd`` into a new buffer."""
-    data = bytearray(size)
-    view = memoryview(data)
-    done = 0
-    while done < size:
-        count = os.readv(fd, [view[done:]])
-        if not count:
-            if at_start and not done:
-                raise EOFError
-            raise OSError("the pipe closed in the middle of a message")
-        done += count
-    return data
-
-
-# ==================================================================== worker process side
-
-
-class _Broken(Task):
-    """Stands for a task that the worker could not unpickle: its outcome is that error."""
-
-    __slots__ = ("_error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self._error = error
-
-    def _run(self) -> Outcome:
-        return (False, self._error)
-
-
-class _Timed(Task):
-    """Wraps a task to tell the parent when it starts, so the parent can enforce its limit."""
-
-    __slots__ = ("_inner", "_source")
-
-    def __init__(self, inner: Task, source: _PipeWorkSource) -> None:
-        self._inner = inner
-        self._source = source
-
-    def _run(self) -> Outcome:
-        self._source.task_starting(self._inner)
-        return self._inner._run()
-
-
-class _WorkerCodec(PickleCodec):
-    """The worker's codec: a unit that cannot be unpickled fails task by task, never the worker."""
-
-    def __init__(self, source: _PipeWorkSource) -> None:
-        super().__init__(pieces=True)
-        self._source = source
-
-    def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
-        try:
-            unit = super().decode_unit(payload)
-        except Exception as exc:
-            error = SerializationError(f"the worker could not unpickle a unit of tasks: {exc}")
-            error.__cause__ = exc
-            return [_Broken(error) for _ in range(self._source.current_ntasks())]
-        if isinstance(unit, TaskBatch):
-            if unit.cls.time_limit is None:
-                return unit
-            tasks = list(unit)
-        else:
-            tasks = unit
-            if all(type(task).time_limit is None for task in tasks):
-                return tasks
-        return [_Timed(task, self._source) for task in tasks]
-
-
-class _PipeWorkSource(WorkSource):
-    """A worker process's end of its two pipes: batches of units in, batches of outcomes out."""
-
-    def __init__(self, tasks: Connection, results: Connection) -> None:
-        self._tasks = tasks
-        self._results = results
-        self._batch: list[Assignment] = []
-        self._index = 0
-        # Outcomes not sent yet: (unit id, attempt) and the payload of each.
-        self._done: list[tuple[int, int]] = []
-        self._outcomes: list[bytes] = []
-        self._busy = 0.0  # Seconds spent running the units in _done.
-        self._mark = time.monotonic()
-        self._last_flush = self._mark
-        self._timer_on = False  # Whether the parent is timing a task of ours.
-
-    def ready(self) -> None:
-        self._send(None)
-
-    def take(self) -> list[Assignment]:
-        if self._done:
-            self._send(None)
-        try:
-            units, payloads = _recv_framed(self._tasks)
-        except EOFError:
-            return []  # The parent closed the pipe: stop.
-        self._batch = [
-            Assignment(unit_id, attempt, payload, ntasks)
-            for (unit_id, attempt, ntasks), payload in zip(units, payloads, strict=True)
-        ]
-        self._index = 0
-        self._mark = time.monotonic()
-        return self._batch
-
-    def finish(self, assignment: Assignment, outcome: Any) -> None:
-        now = time.monotonic()
-        self._busy += now - self._mark
-        self._mark = now
-        self._index += 1
-        self._done.append((assignment.unit_id, assignment.attempt))
-        self._outcomes.append(outcome)
-        if now - self._last_flush >= _FLUSH_SECONDS:
-            self._send(None)
-
-    def current_ntasks(self) -> int:
-        return self._batch[self._index].ntasks
-
-    def task_starting(self, task: Task) -> None:
-        """Before each task of a unit with a time limit: let the parent start (or stop) timing."""
-        limit = type(task).time_limit
-        if limit is None and not self._timer_on:
-            return
-        self._timer_on = limit is not None
-        current = self._batch[self._index]
-        what = repr(task) if limit is not None else ""
-        self._send((current.unit_id, current.attempt, current.ntasks, limit, what))
-
-    def _send(self, notice: tuple[int, int, int, float | None, str] | None) -> None:
-        now = time.monotonic()
-        self._busy += now - self._mark
-        self._mark = now
-        done, outcomes = self._done, self._outcomes
-        self._done, self._outcomes = [], []
-        busy, self._busy = self._busy, 0.0
-        self._last_flush = now
-        _send_framed(self._results, (done, notice, busy), outcomes)
-
-
-def _worker_main(tasks: Connection, results: Connection) -> None:
-    """The body of a worker process."""
-    # Ctrl-C is the client's to handle: it cancels its work and stops us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    source = _PipeWorkSource(tasks, results)
-    try:
-        source.ready()
-        work(source, _WorkerCodec(source))
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # The parent is gone; nobody is waiting for our outcomes.
-    finally:
-        tasks.close()
-        results.close()
-
-
-# ==================================================================== client process side
 
 
 class _State(enum.Enum):
@@ -521,7 +258,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                 f"{', '.join(multiprocessing.get_all_start_methods())}"
             ) from exc
         self._pickle = PickleCodec(pieces=True)
-        self._pipe_bytes = _pipe_bytes(self.num_workers)
+        self._pipe_bytes = pipe_bytes(self.num_workers)
         super().__init__(size, codec=self._pickle, max_attempts=max_attempts)
         # Protects the worker table, every _Worker's fields, _work_seq and _closing;
         # the lock of every worker's wakeup condition. Taken before the scheduler's lock.
@@ -618,7 +355,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
         tasks_out, tasks_in = context.Pipe(duplex=False)
         results_out, results_in = context.Pipe(duplex=False)
         process = context.Process(
-            target=_worker_main, args=(tasks_out, results_in), name=f"papyros-worker-{slot}"
+            target=worker_main, args=(tasks_out, results_in), name=f"papyros-worker-{slot}"
         )
         try:
             process.start()
@@ -633,7 +370,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
             tasks_out.close()
             results_in.close()
         for conn in (tasks_in, results_out):
-            _enlarge_pipe(conn, self._pipe_bytes)
+            enlarge_pipe(conn, self._pipe_bytes)
         worker = _Worker(slot, process, tasks_in, results_out, self._lock)
         worker.feeder = threading.Thread(
             target=self._feed, args=(worker,), name=f"papyros-feeder-{slot}", daemon=True
@@ -684,7 +421,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                         worker.tasks_sent += assignments[0].ntasks
                         if worker.tasks_sent >= limit:
                             worker.state = _State.RETIRING
-                _send_framed(
+                send_framed(
                     worker.tasks,
                     [(a.unit_id, a.attempt, a.ntasks) for a in assignments],
                     [a.payload for a in assignments],
@@ -736,7 +473,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
     def _receive(self, worker: _Worker) -> None:
         """Take one message of outcomes from a worker."""
         try:
-            (done, notice, busy), outcomes = _recv_framed(worker.results)
+            (done, notice, busy), outcomes = recv_framed(worker.results)
         except (EOFError, OSError):
             worker.eof_at = time.monotonic()  # It is exiting; its sentinel will tell.
             return
