@@ -145,6 +145,35 @@ def test_loops_and_next_share_one_stream_of_results(
     assert list(results) == []
 
 
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_the_iterator_that_iter_returns_goes_on_after_a_task_exception(
+    dispatcher: papyros.TaskDispatcher, chunksize: int
+) -> None:
+    it = iter(
+        dispatcher.execute((fail_if_odd(i) for i in range(20)), ordered=True, chunksize=chunksize)
+    )
+    seen: list[object] = []
+    while True:
+        try:
+            seen.append(next(it))
+        except ValueError as exc:
+            seen.append(str(exc))
+        except StopIteration:
+            break
+    assert seen == [i if i % 2 == 0 else f"odd: {i}" for i in range(20)]
+
+
+def test_the_iterator_that_iter_returns_goes_on_after_a_timeout(
+    concurrent_dispatcher: papyros.TaskDispatcher,
+) -> None:
+    results = concurrent_dispatcher.execute([sleep_then(1.0, "late")], timeout=0.05)
+    it = iter(results)
+    with pytest.raises(papyros.TimeoutError):
+        next(it)
+    results._timeout = None  # The next call may wait as long as it takes.
+    assert list(it) == ["late"]
+
+
 def test_a_task_raising_stop_iteration_ends_no_iteration(
     dispatcher: papyros.TaskDispatcher,
 ) -> None:
