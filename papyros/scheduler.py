@@ -57,7 +57,17 @@ __all__ = ["Assignment", "Finished", "Scheduler", "payload_size"]
 class _Unit:
     """A unit of work in the core: one task or a chunk of tasks, as an opaque payload."""
 
-    __slots__ = ("assigned", "attempt", "id", "losses", "ntasks", "payload", "queue", "worker")
+    __slots__ = (
+        "assigned",
+        "attempt",
+        "id",
+        "losses",
+        "ntasks",
+        "payload",
+        "queue",
+        "suspect",
+        "worker",
+    )
 
     def __init__(self, unit_id: int, queue: _Queue, payload: Any, ntasks: int) -> None:
         self.id = unit_id
@@ -68,6 +78,9 @@ class _Unit:
         self.attempt = 0
         # Times a worker died while running it: what max_attempts bounds.
         self.losses = 0
+        # Held by a worker that died holding others too: it may be the one that killed
+        # it. From then on it runs alone, so that a death while it runs is its own.
+        self.suspect = False
         # When it was last assigned (a scheduler-wide sequence): workers run in this order.
         self.assigned = 0
         self.worker: Hashable | None = None
@@ -339,9 +352,13 @@ class Scheduler:
             ring = self._ring
             taken_tasks = taken_bytes = 0
             fair_share = self._pending_tasks / share
+            if any(self._inflight[unit_id].suspect for unit_id in held):
+                ring = deque()  # A suspect runs alone: nothing more until it is done.
             while ring and len(taken) < max_units:
                 if taken and taken_tasks >= fair_share:
                     break
+                if ring[0].pending[0].suspect and (taken or held):
+                    break  # A suspect goes alone, to a worker that holds nothing.
                 if max_bytes:
                     taken_bytes += payload_size(ring[0].pending[0].payload)
                     if taken and taken_bytes > max_bytes:
@@ -361,7 +378,9 @@ class Scheduler:
                     ring.append(queue)
                 else:
                     queue.in_ring = False
-            if ring:
+                if unit.suspect:
+                    break
+            if self._ring:
                 # Wake another idle worker for the work left over.
                 self._work_ready.notify()
             if self.size:
@@ -394,17 +413,22 @@ class Scheduler:
     ) -> list[int]:
         """Declare a worker dead: re-dispatch its in-flight units, or fail those out of attempts.
 
-        A worker runs its units in the order it was given them, so the oldest
-        unit it holds is the one it was running: only that one is blamed (the
-        loss counts toward ``max_attempts``). The others were only waiting
-        behind it; they go back as they were, ahead of their queues.
+        A unit is blamed (the loss counts toward ``max_attempts``) only when it
+        was all the worker held: then it was the one running. A worker that
+        held several may have died running any of those whose outcomes it had
+        not sent yet, so none is blamed; they go back ahead of their queues as
+        suspects, each to run alone from then on (see :meth:`assign`), and a
+        death while one runs is that one's. So no innocent unit is ever
+        blamed, and a unit that kills every worker costs at most
+        ``max_attempts`` + 1 of them.
 
         Args:
             worker: the worker, as it called :meth:`assign`.
             exitcode: its exit code, or minus the signal that killed it, if known.
             reason: a short description for the error message.
             blame_running: False when the death is already accounted for (the
-                running unit was completed with its own error): blame no unit.
+                running unit was completed with its own error): blame no unit and
+                suspect none.
 
         Returns:
             The ids of the units that were re-queued.
@@ -417,14 +441,15 @@ class Scheduler:
             )
             retried = []
             # Newest first, so that appendleft() leaves them in their original order.
-            for index in reversed(range(len(units))):
-                unit = units[index]
+            for unit in reversed(units):
                 self._release(unit)
                 queue = unit.queue
                 if queue.closed:
                     continue
-                if index == 0 and blame_running:
+                if blame_running and len(units) == 1:
                     unit.losses += 1
+                elif blame_running:
+                    unit.suspect = True
                 if unit.losses < self.max_attempts:
                     queue.pending.appendleft(unit)
                     self._pending_tasks += unit.ntasks

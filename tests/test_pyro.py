@@ -149,7 +149,9 @@ def test_a_poison_task_ends_as_worker_lost(pyro_cluster: Cluster, tmp_path: Path
         assert info.value.attempts == 2
         assert "2 times" in str(info.value)
         assert next(results) == 16
-        assert len(pids_in(attempts)) == 2
+        # Once per attempt, plus once if its first death could not be pinned on it (its
+        # worker also held the other task).
+        assert len(pids_in(attempts)) in (2, 3)
 
 
 # ------------------------------------------------------------ authentication

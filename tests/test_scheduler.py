@@ -104,20 +104,55 @@ def test_a_lost_worker_s_units_are_retried_then_fail() -> None:
     assert core.fetch(queue, NOW) == []
 
 
-def test_only_the_running_unit_of_a_lost_worker_is_blamed() -> None:
+def test_a_lost_worker_that_held_several_units_blames_none_and_each_then_runs_alone() -> None:
     core = Scheduler(max_attempts=1)
     queue = core.open_queue()
     core.submit(queue, [("poison", 1), ("innocent", 1), ("bystander", 1)])
     assert [a.payload for a in core.assign("w1", 3)] == ["poison", "innocent", "bystander"]
-    # The oldest unit a worker holds is the one it was running: only it is blamed.
-    retried = core.worker_lost("w1", exitcode=-9)
-    assert len(retried) == 2
+    # Any of the three may have been running (a worker may have finished units without
+    # having sent their outcomes yet): none is blamed, even with no retry allowed.
+    assert len(core.worker_lost("w1", exitcode=-9)) == 3
+    # From now on each runs alone: a worker holding one gets nothing more.
+    assert [a.payload for a in core.assign("w2", 3)] == ["poison"]
+    assert core.assign("w2", 3, NOW) == []
+    [innocent] = core.assign("w3", 3)
+    assert innocent.payload == "innocent"
+    # A death while a unit runs alone is that unit's.
+    assert core.worker_lost("w2", exitcode=-9) == []
+    [lost] = core.fetch(queue, NOW)
+    assert isinstance(lost.error, WorkerLostError)
+    assert lost.error.attempts == 1
+    assert core.complete("w3", innocent.unit_id, innocent.attempt, "fine")
+    assert [a.payload for a in core.assign("w3", 3)] == ["bystander"]
+    assert [entry.outcome for entry in core.fetch(queue, NOW)] == ["fine"]
+
+
+def test_a_suspect_goes_only_to_a_worker_that_holds_nothing() -> None:
+    core = Scheduler()
+    queue = core.open_queue()
+    core.submit(queue, [("ordinary", 1)])
+    [ordinary] = core.assign("busy", 1)
+    core.submit(queue, [("a", 1), ("b", 1)])
+    core.assign("w1", 2)
+    core.worker_lost("w1", exitcode=-9)  # a and b are suspects now.
+    assert core.assign("busy", 2, NOW) == []
+    assert core.complete("busy", ordinary.unit_id, ordinary.attempt, "done")
+    assert [a.payload for a in core.assign("busy", 2)] == ["a"]
+
+
+def test_a_lost_worker_that_held_one_unit_blames_it_unless_told_not_to() -> None:
+    core = Scheduler(max_attempts=2)
+    queue = core.open_queue()
+    core.submit(queue, [("p", 1)])
+    core.assign("w1", 1)
+    core.worker_lost("w1", blame_running=False)  # E.g. killed over its time limit.
+    core.assign("w2", 1)
+    assert core.worker_lost("w2", exitcode=-9) != []  # Blamed once: one attempt left.
+    core.assign("w3", 1)
+    assert core.worker_lost("w3", exitcode=-9) == []
     [finished] = core.fetch(queue, NOW)
     assert isinstance(finished.error, WorkerLostError)
-    # The others go back in their order, and may be lost (unblamed) again.
-    assert [a.payload for a in core.assign("w2", 2)] == ["innocent", "bystander"]
-    core.worker_lost("w2", blame_running=False)
-    assert [a.payload for a in core.assign("w3", 2)] == ["innocent", "bystander"]
+    assert finished.error.attempts == 2
 
 
 def test_a_stale_attempt_is_dropped_and_the_current_one_delivered() -> None:
