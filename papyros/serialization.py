@@ -8,7 +8,12 @@ Encoding rules, fastest first:
 
 - A unit whose tasks are all of one class travels as the class once plus the
   list of argument tuples, not as one pickled object per task: a chunk of
-  1,000 small tasks costs little more than a list of 1,000 tuples.
+  1,000 small tasks costs little more than a list of 1,000 tuples. This is
+  for classes whose tasks are all in their arguments (see
+  ``Task._from_args``), such as those made by :meth:`Task.subclass`; a task of
+  a class with its own ``__init__`` or instance state travels whole, with
+  standard pickle semantics (its state restored, its ``__init__`` not called),
+  as it would be on the thread backend.
 - Plain :mod:`pickle` (highest protocol) is used where it works.
   :mod:`cloudpickle`, which pickles *by value*, takes over where it does not:
   lambdas and closures as arguments, task classes defined inside functions,
@@ -248,13 +253,14 @@ class PickleCodec(Codec):
 
     def encode_unit(self, tasks: Unit) -> bytes | tuple[bytes, ...]:
         # The body: (class or its by-value pickle, arguments, keyword arguments or
-        # None, whether each task's arguments are its only one, bare); or, for
-        # tasks of several classes, (None, the tasks).
+        # None, whether each task's arguments are its only one, bare) for a batch
+        # (from map(), which means cls(*args)) or for tasks of one class that their
+        # arguments rebuild (Task._from_args); else (None, the tasks), pickled whole.
         body: tuple[Any, ...]
         if isinstance(tasks, TaskBatch):
             ref = self._class_ref(tasks.cls, tasks)
             body = (ref, tasks.args, tasks.kwargs, tasks.single)
-        elif len(tasks) == 1 or len(set(map(type, tasks))) == 1:
+        elif (len(tasks) == 1 or len(set(map(type, tasks))) == 1) and type(tasks[0])._from_args:
             first = type(tasks[0])
             ref = self._class_ref(first, tasks)
             args = list(map(_args, tasks))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import itertools
 import traceback
 from collections.abc import Callable, Iterator
@@ -37,6 +39,10 @@ class Task:
         task.execute()          # runs it here and stores the outcome
         task.result()           # 9
 
+    A subclass may have its own ``__init__`` and instance state: its tasks are
+    then pickled whole, with their state (see ``_from_args``), so a worker runs
+    the very task that was made.
+
     Class options, set through :meth:`subclass` keywords:
 
     - ``task_attr`` (default False): an exception raised by the task gets a
@@ -56,6 +62,23 @@ class Task:
 
     # The class options that Task.subclass() accepts.
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({"task_attr", "traceback_attr", "time_limit"})
+
+    #: Whether a task of this class is all in its ``args`` and ``kwargs``, so that
+    #: ``cls(*task.args, **task.kwargs)`` rebuilds it: the class adds no ``__init__``,
+    #: ``__new__`` or ``__reduce__`` of its own, and no instance state (no ``__dict__``,
+    #: no slot). Its tasks then travel as their arguments alone; any other task
+    #: travels whole, with standard pickle semantics. Set for each class as it is made.
+    _from_args: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._from_args = (
+            cls.__init__ is Task.__init__
+            and cls.__new__ is Task.__new__
+            and cls.__reduce__ is Task.__reduce__
+            and cls.__dictoffset__ == 0
+            and cls.__basicsize__ == Task.__basicsize__
+        )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # ``_outcome`` stays unset until the task runs: one store less per task made.
@@ -89,11 +112,20 @@ class Task:
         try:
             return (True, self._execute(*self.args, **self.kwargs))
         except Exception as exc:
-            return (False, type(self)._annotate(exc, self.args, self.kwargs))
+            return (False, type(self)._annotate(exc, self.args, self.kwargs, self))
 
     @classmethod
-    def _annotate(cls, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
-        """Give a task's exception the attributes its class options ask for."""
+    def _annotate(
+        cls,
+        exc: Exception,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task: Task | None = None,
+    ) -> Exception:
+        """Give a task's exception the attributes its class options ask for.
+
+        The task is ``task`` if it exists, else the one made by ``cls(*args, **kwargs)``.
+        """
         if cls.traceback_attr:
             # Skip the frame that ran the task: the traceback starts in the task's own code.
             tb = exc.__traceback__.tb_next if exc.__traceback__ else None
@@ -101,8 +133,18 @@ class Task:
                 traceback.format_exception(type(exc), exc, tb)
             )
         if cls.task_attr:
-            exc.task = cls(*args, **kwargs)  # type: ignore[attr-defined]
+            failed = cls(*args, **kwargs) if task is None else task._fresh_copy()
+            exc.task = failed  # type: ignore[attr-defined]
         return exc
+
+    def _fresh_copy(self) -> Task:
+        """A copy of this task, with its own state but no stored outcome."""
+        if type(self)._from_args:
+            return type(self)(*self.args, **self.kwargs)
+        clone = copy.copy(self)
+        if hasattr(clone, "_outcome"):
+            del clone._outcome
+        return clone
 
     @classmethod
     def _run_many(
@@ -169,11 +211,15 @@ class Task:
         return f"{cls.__module__}.{cls.__qualname__}({', '.join(parts)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
+        cls = type(self)
+        if not cls._from_args:
+            # Pickled as object.__reduce_ex__ would: the state, and no __init__ call.
+            return (copyreg.__newobj__, (cls,), _state_of(self))  # type: ignore[attr-defined]
         outcome = getattr(self, "_outcome", _UNPROCESSED)
         state = None if outcome is _UNPROCESSED else outcome
         if not self.kwargs and state is None:
-            return (type(self), self.args)
-        return (_rebuild_task, (type(self), self.args, self.kwargs, state))
+            return (cls, self.args)
+        return (_rebuild_task, (cls, self.args, self.kwargs, state))
 
     @classmethod
     def subclass(cls, **class_options: Any) -> _TaskFactory:
@@ -200,6 +246,20 @@ class Task:
         if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
             raise ValueError(f"time_limit must be a positive number of seconds, not {limit!r}")
         return _TaskFactory(cls, class_options)
+
+
+def _state_of(task: Task) -> Any:
+    """A task's state for pickle: its ``__getstate__()``, as ``object.__reduce_ex__`` takes it."""
+    getstate = getattr(task, "__getstate__", None)
+    if getstate is not None:  # Always, from Python 3.11: object.__getstate__ knows slots too.
+        return getstate()
+    # Python 3.10, where object has no __getstate__: a dict and the slots' values, if any.
+    slots = {
+        name: getattr(task, name)
+        for name in copyreg._slotnames(type(task))  # type: ignore[attr-defined]
+        if hasattr(task, name)
+    }
+    return (getattr(task, "__dict__", None) or None, slots)
 
 
 def _rebuild_task(

@@ -13,6 +13,7 @@ import pytest
 
 import papyros
 from tests.conftest import DispatcherFactory
+from tests.stateful_tasks import Greeting, Scale, SlottedScale
 from tests.tasks import (
     Scaled,
     add,
@@ -602,3 +603,49 @@ def test_bad_sizes_are_rejected(make_dispatcher: DispatcherFactory) -> None:
         dispatcher.make_queue(size=-1)
     with pytest.raises(ValueError, match="size"):
         dispatcher.execute([], qsize=-2)
+
+
+# ------------------------------------------------- task classes with their own state
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_tasks_with_their_own_init_and_state_run_as_they_were_made(
+    dispatcher: papyros.TaskDispatcher, chunksize: int
+) -> None:
+    tasks: list[papyros.Task] = [Scale(i, factor=10) for i in range(4)]
+    tasks += [SlottedScale(i, factor=100) for i in range(4)]
+    tasks += [Greeting("bob"), Greeting("ann"), Scale(7), SlottedScale(7)]
+    results = list(dispatcher.execute(tasks, ordered=True, chunksize=chunksize))
+    assert results == [0, 10, 20, 30, 0, 100, 200, 300, "hello bob", "hello ann", 14, 14]
+
+
+@pytest.mark.parametrize("task_type", [Scale, SlottedScale])
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_task_attr_copies_a_task_with_its_own_state(
+    dispatcher: papyros.TaskDispatcher, task_type: type[Scale], chunksize: int
+) -> None:
+    tasks = [task_type(1, factor=7), task_type(-2, factor=7), task_type(3, factor=7)]
+    results = dispatcher.execute(tasks, ordered=True, chunksize=chunksize)
+    assert next(results) == 7
+    with pytest.raises(ValueError, match="negative: -2") as info:
+        next(results)
+    assert list(results) == [21]
+    copy = info.value.task  # type: ignore[attr-defined]
+    assert type(copy) is task_type
+    assert (copy.args, copy.factor) == ((-2,), 7)
+    with pytest.raises(papyros.UnprocessedTaskError):
+        copy.result()  # A fresh copy: the failure is not stored in it.
+
+
+def test_a_task_that_travels_as_a_value_keeps_its_state_and_outcome(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    done = Scale(3, factor=5)
+    done.execute()
+    [back] = dispatcher.execute([identity(done)])
+    assert (type(back), back.factor, back.result()) == (Scale, 5, 15)
+    [back] = dispatcher.execute([identity(Greeting("eve"))])
+    with pytest.raises(papyros.UnprocessedTaskError):
+        back.result()
+    back.execute()
+    assert back.result() == "hello eve"
