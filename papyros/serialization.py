@@ -22,7 +22,10 @@ Encoding rules, fastest first:
   once per worker, not once per unit.
 - A task or argument that cannot be pickled at all is a
   :class:`~papyros.SerializationError` in the client, at ``push``, naming the
-  offending object.
+  offending object. A unit that a worker cannot unpickle (say, its task class
+  lives in a module the worker cannot import) ends with a
+  :class:`~papyros.SerializationError` per task, naming the cause
+  (:meth:`PickleCodec.unreadable_unit`); the worker goes on with other units.
 - In the worker, a result that cannot be pickled, or an exception that cannot
   be pickled or rebuilt, becomes a :class:`~papyros.RemoteTaskError` carrying
   the type name, message and traceback text; the worker itself lives on.
@@ -40,7 +43,7 @@ from operator import attrgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
-from papyros.task import Results, Task, TaskBatch, Unit
+from papyros.task import Outcome, Results, Task, TaskBatch, Unit
 from papyros.worker import Codec
 
 __all__ = ["PickleCodec"]
@@ -328,6 +331,14 @@ class PickleCodec(Codec):
             cls = ref
         return TaskBatch(cls, body[1], body[2], single=body[3])
 
+    @staticmethod
+    def unreadable_unit(error: Exception, ntasks: int) -> list[Task]:
+        """What a worker runs for a unit that :meth:`decode_unit` failed on with ``error``:
+        ``ntasks`` tasks whose outcome is a SerializationError that names the cause."""
+        failure = SerializationError(f"the worker could not unpickle a unit of tasks: {error}")
+        failure.__cause__ = error
+        return [_Unreadable(failure) for _ in range(ntasks)]
+
     def encode_results(
         self, values: list[Any], errors: dict[int, BaseException]
     ) -> bytes | tuple[bytes, ...]:
@@ -348,6 +359,18 @@ class PickleCodec(Codec):
         if isinstance(data, tuple):
             return (header, *data)
         return header + data
+
+
+class _Unreadable(Task):
+    """Stands for a task that the worker could not unpickle: its outcome is that error."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def _run(self) -> Outcome:
+        return (False, self._error)
 
 
 def _untravelled(result: object) -> _Failure | None:

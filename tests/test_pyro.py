@@ -5,6 +5,7 @@ The contract itself is checked by the behaviour suite, on every backend.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import shlex
@@ -499,3 +500,45 @@ def test_tls_by_the_documented_recipe(tmp_path: Path) -> None:
     finally:
         for process in reversed(processes):
             stop(process)
+
+
+# ------------------------------------------------------------ units workers cannot read
+
+CLIENT_ONLY_TASKS = """
+import papyros
+
+
+@papyros.Task.subclass()
+def double(x):
+    return 2 * x
+"""
+
+
+def test_a_unit_the_workers_cannot_unpickle_fails_its_tasks_not_the_workers(
+    pyro_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A task class from a module that exists in this client only: workers cannot import it.
+    path = tmp_path / "client_only_tasks.py"
+    path.write_text(CLIENT_ONLY_TASKS)
+    spec = importlib.util.spec_from_file_location("client_only_tasks", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+
+    pyro_cluster.start_dispatcher("unreadable")
+    pyro_cluster.start_workers("unreadable", 2)
+    with client(pyro_cluster, "unreadable") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="two workers")
+        workers = {worker["id"] for worker in dispatcher.get_stats()["workers"]}  # type: ignore[attr-defined]
+        tasks = [module.double(1), module.double(2), square(2), square(3)]
+        results = dispatcher.execute(tasks, ordered=True, chunksize=2)
+        for _ in range(2):
+            with pytest.raises(papyros.SerializationError, match="No module named") as info:
+                next(results)
+            assert "could not unpickle" in str(info.value)
+            assert "client_only_tasks" in str(info.value)
+        assert list(results) == [4, 9]
+        # The same workers, still registered: none dropped its connection over it.
+        assert {worker["id"] for worker in dispatcher.get_stats()["workers"]} == workers  # type: ignore[attr-defined]

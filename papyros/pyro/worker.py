@@ -11,8 +11,10 @@
     heartbeat thread: heartbeat() every lease/3 ─────────▶  keeps the lease while a task runs
 
 The connection is authenticated both ways before anything the dispatcher
-sends is unpickled. A worker that cannot reach its dispatcher, or whose
-dispatcher restarts, retries with backoff and registers again.
+sends is unpickled. A unit the worker cannot unpickle (its task class is in a
+module not installed here, say) is a SerializationError for each of its tasks,
+not a fault of the worker: it stays connected. A worker that cannot reach its
+dispatcher, or whose dispatcher restarts, retries with backoff and registers again.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from papyros.pyro._common import (
 from papyros.pyro.server import DEFAULT_LEASE
 from papyros.scheduler import Assignment
 from papyros.serialization import PickleCodec
+from papyros.task import Task, TaskBatch
 from papyros.worker import WorkSource, work
 
 __all__ = ["WorkerOptions", "run_worker", "worker_main"]
@@ -154,6 +157,10 @@ class _RemoteSource(WorkSource):
             self._exchange(0, 0.0)
             self._flushed_at = now
 
+    def current_ntasks(self) -> int:
+        """The number of tasks of the unit being run."""
+        return self._batch[self._batch_size - self._batch_left].ntasks
+
     def _exchange(self, want: int, wait: float, returned: list[int] | None = None) -> list[Any]:
         results, self._results = self._results, []
         self._results_bytes = 0
@@ -162,6 +169,26 @@ class _RemoteSource(WorkSource):
         )
         reply: list[Any] = self._peer.call("exchange", self._worker_id, *args, wait=wait)
         return reply
+
+
+class _RemoteCodec(PickleCodec):
+    """The worker's codec: a unit that cannot be unpickled fails task by task, never the worker."""
+
+    def __init__(self, source: _RemoteSource) -> None:
+        super().__init__()
+        self._source = source
+        # The causes already logged: a run whose every unit fails the same way logs once.
+        self._logged: set[str] = set()
+
+    def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
+        try:
+            return super().decode_unit(payload)
+        except Exception as exc:
+            cause = f"{type(exc).__name__}: {exc}"
+            if cause not in self._logged:
+                self._logged.add(cause)
+                log.warning("could not unpickle a unit of tasks (%s); its tasks fail", cause)
+            return self.unreadable_unit(exc, self._source.current_ntasks())
 
 
 def _heartbeat(peer: Peer, worker_id: str, interval: float, stop: threading.Event) -> None:
@@ -177,7 +204,6 @@ def run_worker(options: WorkerOptions, stop: threading.Event) -> None:
     """Serve the group's dispatcher until ``stop`` is set, reconnecting whenever needed."""
     configure_pyro(tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca)
     secret = load_secret(options.secret_file)
-    codec = PickleCodec()
     backoff = _FIRST_BACKOFF
     while not stop.is_set():
         peer: Peer | None = None
@@ -198,7 +224,8 @@ def run_worker(options: WorkerOptions, stop: threading.Event) -> None:
                 daemon=True,
             )
             beat.start()
-            work(_RemoteSource(peer, worker_id, stop), codec)
+            source = _RemoteSource(peer, worker_id, stop)
+            work(source, _RemoteCodec(source))
         except AuthenticationError as exc:
             log.error("worker refused: %s; retrying in %.1f s", exc, backoff)
         except (PapyrosError, LookupError, RuntimeError) as exc:
