@@ -26,6 +26,10 @@ def test_demo_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--backend", "nonexistent"]) == 2
     assert "unknown backend 'nonexistent'" in capsys.readouterr().err
     assert main(["demo", "--tasks", "0"]) == 2
+    assert main(["demo", "--chunksize", "0"]) == 2
+    assert "--chunksize must be at least 1" in capsys.readouterr().err
+    assert main(["demo", "--workers", "-1"]) == 2
+    assert "workers" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["demo", "--tasks", "many"])
     assert info.value.code == 2

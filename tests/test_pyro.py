@@ -258,13 +258,13 @@ def _address(uri: str) -> tuple[str, int]:
 
 
 def test_garbage_and_oversized_messages_are_refused_and_logged(pyro_cluster: Cluster) -> None:
-    _, uri = pyro_cluster.start_dispatcher("picky", "--max-message-size", "100000")
+    _, uri = pyro_cluster.start_dispatcher("picky", "--max-message-size", str(5 * 1024 * 1024))
     address = _address(uri)
     with socket.create_connection(address, timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(200))
         reply = _read_until_closed(sock)
     assert b"papyros.dispatcher" not in reply
-    # The header of a well-formed 10 MB connect message, over the 100 kB cap.
+    # The header of a well-formed 10 MB connect message, over the 5 MiB cap.
     import Pyro5.protocol
 
     message = Pyro5.protocol.SendingMessage(Pyro5.protocol.MSG_CONNECT, 0, 1, 3, b"x" * 10_000_000)
@@ -300,9 +300,9 @@ def _one_line_failure(done: subprocess.CompletedProcess[str], *words: str) -> No
 
 
 def test_big_batches_travel_in_calls_of_bounded_size(pyro_cluster: Cluster) -> None:
-    # 24 MB each way, through a dispatcher that refuses any message over 6 MB: every
+    # 24 MB each way, through a dispatcher that refuses any message over 5 MiB: every
     # submit, assignment, result hand-back and fetch must be split into smaller calls.
-    pyro_cluster.start_dispatcher("bulk", "--max-message-size", str(6_000_000))
+    pyro_cluster.start_dispatcher("bulk", "--max-message-size", str(5 * 1024 * 1024))
     pyro_cluster.start_workers("bulk", 2)
     payloads = [bytes([i]) * 1_000_000 for i in range(24)]
     with client(pyro_cluster, "bulk") as dispatcher:

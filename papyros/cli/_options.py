@@ -26,6 +26,11 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def message_size(text: str) -> int:
+    # papyros puts up to 4 MiB of payloads in one call (CALL_BYTES), plus the rest of it.
+    return _whole_number(text, 5 * 1024 * 1024)
+
+
 def port(text: str) -> int:
     value = non_negative_int(text)
     if value > 65535:

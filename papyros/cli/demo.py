@@ -48,9 +48,10 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tasks < 1:
-        print("start-papyros demo: --tasks must be at least 1", file=sys.stderr)
-        return 2
+    for option, value, least in (("--tasks", args.tasks, 1), ("--chunksize", args.chunksize, 1)):
+        if value < least:
+            print(f"start-papyros demo: {option} must be at least {least}", file=sys.stderr)
+            return 2
     try:
         dispatcher = papyros.get_dispatcher(args.backend, workers=args.workers)
     except (PapyrosError, ValueError) as exc:

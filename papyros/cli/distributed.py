@@ -14,6 +14,7 @@ from typing import Any
 from papyros.cli._logging import add_logging_options, setup_logging
 from papyros.cli._options import (
     add_group_options,
+    message_size,
     non_negative_int,
     port,
     positive_float,
@@ -58,9 +59,9 @@ def add_parsers(commands: Any) -> None:
     )
     parser.add_argument(
         "--max-message-size",
-        type=positive_int,
+        type=message_size,
         default=256 * 1024 * 1024,
-        help="the largest message accepted, in bytes (%(default)s)",
+        help="the largest message accepted, in bytes, at least 5 MiB (%(default)s)",
     )
     add_logging_options(parser)
     parser.set_defaults(run=run_dispatcher)
