@@ -7,13 +7,17 @@ One piece of code for thread, process and remote workers; only the
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, TypeAlias
 
 from papyros.scheduler import Assignment
 from papyros.task import Outcome, Results, Task, TaskBatch, Unit
 
-__all__ = ["Codec", "InProcessCodec", "WorkSource", "run_unit", "work"]
+__all__ = ["Codec", "ExceptionTypes", "InProcessCodec", "WorkSource", "run_unit", "work"]
+
+#: Exception classes, as ``except`` takes them.
+ExceptionTypes: TypeAlias = "type[BaseException] | tuple[type[BaseException], ...]"
 
 
 class Codec(ABC):
@@ -71,18 +75,50 @@ class WorkSource(ABC):
         """Hand back the encoded outcome of a unit."""
 
 
-def run_unit(payload: Any, codec: Codec) -> Any:
-    """Run every task of a unit, in order, and return their encoded outcomes."""
+def run_unit(payload: Any, codec: Codec, *, escaping: ExceptionTypes = BaseException) -> Any:
+    """Run every task of a unit, in order, and return their encoded outcomes.
+
+    A task's ``Exception`` is its outcome. So is any other exception it raises
+    (SystemExit, KeyboardInterrupt, GeneratorExit), unless it is one of
+    ``escaping``: that propagates, and the unit is left without an outcome.
+    """
     unit = codec.decode_unit(payload)
     if isinstance(unit, TaskBatch):
-        return codec.encode_results(*unit.run())
-    return codec.encode_outcomes([task._run() for task in unit])
+        try:
+            return codec.encode_results(*unit.run())
+        except BaseException as exc:
+            if isinstance(exc, escaping):
+                raise
+            # The batch ran as one call: which task raised, and what those before it
+            # returned, is lost with the call. The exception is every task's outcome.
+            errors = {index: copy.copy(exc) for index in range(1, len(unit))}
+            errors[0] = exc
+            return codec.encode_results([None] * len(unit), errors)
+    if escaping is BaseException:
+        return codec.encode_outcomes([task._run() for task in unit])
+    outcomes: list[Outcome] = []
+    for task in unit:
+        try:
+            outcomes.append(task._run())
+        except BaseException as exc:
+            if isinstance(exc, escaping):
+                raise
+            # Task._run() only takes care of an Exception; the task's class options
+            # (task_attr, traceback_attr) apply to this one too.
+            error = type(task)._annotate(exc, task.args, task.kwargs)  # type: ignore[arg-type]
+            outcomes.append((False, error))
+    return codec.encode_outcomes(outcomes)
 
 
-def work(source: WorkSource, codec: Codec) -> None:
-    """Run units from ``source`` until it says stop."""
+def work(source: WorkSource, codec: Codec, *, escaping: ExceptionTypes = BaseException) -> None:
+    """Run units from ``source`` until it says stop.
+
+    A task's exception that is one of ``escaping`` ends the loop (see
+    :func:`run_unit`): a worker process that may be stopped by a SystemExit
+    raised in a signal handler keeps the default, a worker thread passes ``()``.
+    """
     while assignments := source.take():
         # Iterate over the very list take() returned: a source may shorten it from
         # finish() to hand back the units not started yet (the remote worker does).
         for assignment in assignments:
-            source.finish(assignment, run_unit(assignment.payload, codec))
+            source.finish(assignment, run_unit(assignment.payload, codec, escaping=escaping))

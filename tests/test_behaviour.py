@@ -27,6 +27,7 @@ from tests.tasks import (
     square,
     stop_at,
 )
+from tests.thread_tasks import raise_base_exception
 
 COMBINATIONS = [
     pytest.param(ordered, chunksize, id=f"{'ordered' if ordered else 'unordered'}-chunk{chunksize}")
@@ -649,3 +650,54 @@ def test_a_task_that_travels_as_a_value_keeps_its_state_and_outcome(
         back.result()
     back.execute()
     assert back.result() == "hello eve"
+
+
+# ------------------------------------------------------------ SystemExit and kin
+
+
+def _outcome(queue: papyros.TaskQueue) -> object:
+    """The next result of ``queue``, or the exception it raised (any kind) in its place."""
+    try:
+        return queue.pop(timeout=30)
+    except BaseException as exc:
+        return exc
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_a_task_raising_systemexit_or_kin_stops_nothing_else(
+    make_dispatcher: DispatcherFactory, backend: str, error: type[BaseException]
+) -> None:
+    if backend == "pyro":
+        pytest.skip(
+            "a remote worker process ends on SystemExit (its SIGTERM handler raises one); "
+            "its dispatcher learns so when its lease runs out, tens of seconds later, and "
+            "outcomes the worker had not handed back yet are lost with it"
+        )
+    # One worker: the task's exception must not take it down with the tasks it holds.
+    dispatcher = make_dispatcher(workers=1) if backend != "dummy" else make_dispatcher()
+    queue = dispatcher.make_queue()
+    for task in (square(2), raise_base_exception(error), square(3)):
+        queue.push(task)
+    if backend == "dummy" and error is KeyboardInterrupt:
+        # Tasks run in the caller's thread, where a KeyboardInterrupt cannot be told from
+        # Ctrl-C: it interrupts the caller at once, and the task did not finish.
+        assert _outcome(queue) == 4
+        with pytest.raises(KeyboardInterrupt):
+            queue.pop(timeout=30)
+        queue.close()
+    else:
+        outcomes = [_outcome(queue) for _ in range(3)]
+        results = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+        [failure] = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        assert sorted(results) == [4, 9]  # type: ignore[type-var]
+        if backend == "process":
+            # A worker process ends on SystemExit, as a task would make any Python
+            # process end: the task's outcome is the loss of its worker, after retries.
+            assert isinstance(failure, papyros.WorkerLostError)
+        else:
+            # Raised in the task's place, as ThreadPoolExecutor makes it the future's outcome.
+            assert outcomes[1] is failure
+            assert type(failure) is error
+            assert str(failure) == "raised by the task"
+        queue.close()
+    assert list(dispatcher.map(square, range(5), ordered=True)) == [0, 1, 4, 9, 16]

@@ -4,6 +4,12 @@ Pending units run inline whenever the caller pushes or waits for a result,
 in FIFO order, so a run is deterministic and a debugger or a print in a
 task behaves as in plain sequential code. Bounds, cancellation and the
 rest of the contract hold as on every other backend.
+
+Whatever a task raises is its outcome, SystemExit and GeneratorExit
+included, as on the thread backend: ``sys.exit()`` in a task does not end
+the caller. KeyboardInterrupt is the exception: raised by a task or by
+Ctrl-C, which cannot be told apart here, it reaches the caller at once, and
+the interrupted task goes back to run again on the next push or pop.
 """
 
 from __future__ import annotations
@@ -33,28 +39,35 @@ class _InlineLink(CoreQueueLink):
                 # Only wait if running pending work inline cannot make room.
                 return super().send(units, 0.0)
             except TimeoutError:
-                if not self._run_pending():
+                if not self._run_one():
                     return super().send(units, deadline)
 
     def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
+        # One unit at a time, until one of this queue's finishes: what is still pending
+        # then can be cancelled by closing the queue, as on every backend.
         received = super().receive(0.0)
-        while not received and self._run_pending():
+        while not received and self._run_one():
             received = super().receive(0.0)
         return received or super().receive(deadline)
 
-    def _run_pending(self) -> bool:
-        """Run every assignable pending unit here; False if there was none."""
+    def _run_one(self) -> bool:
+        """Run the next assignable pending unit here; False if there was none."""
         scheduler = self._scheduler
-        ran = False
         try:
-            while assignments := scheduler.assign(_INLINE, 1, 0.0):
-                for assignment in assignments:
-                    outcome = run_unit(assignment.payload, self._codec)
-                    scheduler.complete(_INLINE, assignment.unit_id, assignment.attempt, outcome)
-                ran = True
+            assignments = scheduler.assign(_INLINE, 1, 0.0)
         except ClosedTaskDispatcherError:
-            pass
-        return ran
+            return False
+        for assignment in assignments:
+            try:
+                # A KeyboardInterrupt here is Ctrl-C, or as good as: it is the caller's
+                # at once, not an outcome to pop later.
+                outcome = run_unit(assignment.payload, self._codec, escaping=KeyboardInterrupt)
+            except KeyboardInterrupt:
+                # The unit did not finish: it goes back, to run again if asked.
+                scheduler.give_back(_INLINE, [assignment.unit_id])
+                raise
+            scheduler.complete(_INLINE, assignment.unit_id, assignment.attempt, outcome)
+        return bool(assignments)
 
 
 class DummyTaskDispatcher(CoreDispatcher):

@@ -37,6 +37,9 @@ class MultiThreadedTaskDispatcher(CoreDispatcher):
     ``close()`` cancels pending tasks and waits for running ones to finish
     (a thread cannot be killed); worker threads are daemons, so a task that
     never ends cannot keep the interpreter from exiting.
+
+    Whatever a task raises, SystemExit and KeyboardInterrupt included, is its
+    outcome: nothing a task does ends a worker thread.
     """
 
     backend_name = "thread"
@@ -51,6 +54,8 @@ class MultiThreadedTaskDispatcher(CoreDispatcher):
                     CoreWorkSource(self._scheduler, index, _MAX_BATCH, self.num_workers),
                     self._codec,
                 ),
+                # Whatever a task raises is its outcome: nothing may end a worker thread.
+                kwargs={"escaping": ()},
                 name=f"papyros-worker-{index}",
                 daemon=True,
             )
