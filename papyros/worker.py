@@ -74,6 +74,14 @@ class WorkSource(ABC):
     def finish(self, assignment: Assignment, outcome: Any) -> None:
         """Hand back the encoded outcome of a unit."""
 
+    def start(self, assignment: Assignment) -> bool:
+        """Called just before a unit taken earlier runs: False if it was cancelled since.
+
+        A source that can tell (its queue was closed, or the dispatcher) lets go
+        of a cancelled unit here, and the worker skips it. This one cannot tell.
+        """
+        return True
+
 
 def run_unit(payload: Any, codec: Codec, *, escaping: ExceptionTypes = BaseException) -> Any:
     """Run every task of a unit, in order, and return their encoded outcomes.
@@ -121,4 +129,5 @@ def work(source: WorkSource, codec: Codec, *, escaping: ExceptionTypes = BaseExc
         # Iterate over the very list take() returned: a source may shorten it from
         # finish() to hand back the units not started yet (the remote worker does).
         for assignment in assignments:
-            source.finish(assignment, run_unit(assignment.payload, codec, escaping=escaping))
+            if source.start(assignment):
+                source.finish(assignment, run_unit(assignment.payload, codec, escaping=escaping))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import papyros
-from tests.conftest import DispatcherFactory
+from tests.conftest import WORKERS, DispatcherFactory
 from tests.stateful_tasks import Greeting, Scale, SlottedScale
 from tests.tasks import (
     Scaled,
@@ -701,3 +701,35 @@ def test_a_task_raising_systemexit_or_kin_stops_nothing_else(
             assert str(failure) == "raised by the task"
         queue.close()
     assert list(dispatcher.map(square, range(5), ordered=True)) == [0, 1, 4, 9, 16]
+
+
+# ------------------------------------------------------------ taken units are cancelled too
+
+
+def test_closing_a_queue_cancels_the_units_workers_took_in_advance(
+    dispatcher: papyros.TaskDispatcher, tmp_path: Path
+) -> None:
+    # Workers may take several units at a time; those not started yet are cancelled too.
+    ran = tmp_path / "ran"
+    queue = dispatcher.make_queue()
+    for i in range(40):
+        queue.push(record(str(ran), i, 0.2))
+    queue.pop(timeout=30)
+    queue.close()
+    dispatcher.close()
+    # Those running at the close, and any a worker started just before it saw it.
+    assert len(lines(ran)) <= 4 * WORKERS
+
+
+def test_breaking_out_of_execute_cancels_the_units_workers_took_in_advance(
+    dispatcher: papyros.TaskDispatcher, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+
+    def consume() -> None:
+        for _ in dispatcher.execute(record(str(ran), i, 0.2) for i in range(40)):
+            break  # The iterator is garbage now: collecting it closes it.
+
+    consume()
+    dispatcher.close()
+    assert len(lines(ran)) <= 4 * WORKERS

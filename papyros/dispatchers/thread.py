@@ -23,7 +23,8 @@ from papyros.worker import InProcessCodec, work
 
 __all__ = ["MultiThreadedTaskDispatcher"]
 
-# The most units a worker thread takes at once; fewer when little is pending.
+# The most units a worker thread takes at once; fewer when little is pending. Those
+# whose queue closes before they start are skipped (see CoreWorkSource.start).
 _MAX_BATCH = 16
 
 
