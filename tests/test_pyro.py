@@ -542,3 +542,42 @@ def test_a_unit_the_workers_cannot_unpickle_fails_its_tasks_not_the_workers(
         assert list(results) == [4, 9]
         # The same workers, still registered: none dropped its connection over it.
         assert {worker["id"] for worker in dispatcher.get_stats()["workers"]} == workers  # type: ignore[attr-defined]
+
+
+def _in_remote_call(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is inside a Pyro5 call (waiting for its reply, as a long-poll does)."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "_pyroInvoke":
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("waiting_in", ["pop", "next"])
+def test_close_from_another_thread_ends_a_wait_with_closed_dispatcher_error(
+    pyro_cluster: Cluster, waiting_in: str
+) -> None:
+    pyro_cluster.start_dispatcher("closing")  # No workers: nothing ends the wait but close().
+    dispatcher = client(pyro_cluster, "closing")
+    errors: list[BaseException] = []
+
+    def consumer() -> None:
+        try:
+            if waiting_in == "pop":
+                dispatcher.make_queue().pop()
+            else:
+                next(dispatcher.execute([identity(1)]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    wait_until(lambda: _in_remote_call(thread), what="the consumer to wait in a remote call")
+    closed_at = time.monotonic()
+    dispatcher.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert [type(error) for error in errors] == [papyros.ClosedTaskDispatcherError], errors
+    # At once: not after the long-poll the consumer was in ends on its own.
+    assert time.monotonic() - closed_at < 2.0

@@ -6,6 +6,7 @@ import builtins
 import ctypes
 import logging
 import socket
+import threading
 from typing import Any
 
 try:
@@ -286,7 +287,8 @@ class Peer:
 
     Both sides prove the secret: the dispatcher in the connection handshake
     (verified before anything it sends is used), this peer in its first call.
-    Pyro5 errors are translated into papyros errors here.
+    Pyro5 errors are translated into papyros errors here. Only
+    :meth:`shutdown` may be called from another thread than the owner's.
     """
 
     def __init__(self, uri: str, secret: bytes, role: str, session: str = "") -> None:
@@ -298,6 +300,10 @@ class Peer:
         # The socket timeout of the current proxy.
         self._timeout = CALL_SLACK
         self.incarnation = ""
+        # Protects _proxy and _shut: shutdown() may take the proxy from under a call.
+        self._lock = threading.Lock()
+        # Set by shutdown(): no connection is made again.
+        self._shut = False
 
     def connect(self) -> None:
         """Connect and authenticate both ways.
@@ -307,6 +313,7 @@ class Peer:
             CommunicationError: the dispatcher is unreachable.
         """
         self.close()
+        self._check_not_shut()
         proxy = _AuthenticatingProxy(self.uri, self._secret)
         proxy._pyroTimeout = self._timeout = CALL_SLACK
         try:
@@ -332,7 +339,13 @@ class Peer:
         except OSError as exc:
             proxy._pyroRelease()
             raise CommunicationError(f"cannot reach the dispatcher at {self.uri}: {exc}") from exc
-        self._proxy = proxy
+        with self._lock:
+            shut = self._shut
+            if not shut:
+                self._proxy = proxy
+        if shut:  # shutdown() came while this connection was being made.
+            proxy._pyroRelease()
+            raise self._shut_error()
 
     def call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
         """Call a method of the dispatcher, connecting first if needed.
@@ -357,6 +370,10 @@ class Peer:
                 # Interrupted mid-call (Ctrl-C): the connection is out of step; drop it.
                 self.close()
                 raise
+            if self._proxy is not proxy:
+                # shutdown() took the connection from another thread. Pyro5 then says
+                # "the calling thread is not the owner of this proxy": it is not ours.
+                raise self._shut_error() from exc
             return self._translate(exc)
 
     def _translate(self, exc: Exception) -> Any:
@@ -381,16 +398,39 @@ class Peer:
             ) from exc
 
     def close(self) -> None:
-        if self._proxy is not None:
+        """Drop the connection; the next call makes a new one."""
+        with self._lock:
             proxy, self._proxy = self._proxy, None
-            try:
-                proxy._pyroRelease()
-            except Exception:  # The connection is going anyway.
-                log.debug("error releasing a proxy", exc_info=True)
+        if proxy is not None:
+            _release(proxy)
 
-    def transfer_to_current_thread(self) -> None:
-        if self._proxy is not None:
-            self._proxy._pyroClaimOwnership()
+    def shutdown(self) -> None:
+        """Close for good, from any thread.
+
+        A call waiting for its reply in the owner's thread ends at once with
+        :class:`CommunicationError`, as does every later call.
+        """
+        with self._lock:
+            self._shut = True
+            proxy, self._proxy = self._proxy, None
+        if proxy is not None:
+            proxy._pyroClaimOwnership()  # Pyro5 lets only a proxy's owner release it.
+            _release(proxy)
+
+    def _check_not_shut(self) -> None:
+        if self._shut:
+            raise self._shut_error()
+
+    def _shut_error(self) -> CommunicationError:
+        return CommunicationError(f"the connection to the dispatcher at {self.uri} was shut down")
+
+
+def _release(proxy: Any) -> None:
+    """Close a proxy's connection (Pyro5 shuts its socket down: a call waiting on it ends)."""
+    try:
+        proxy._pyroRelease()
+    except Exception:  # The connection is going anyway.
+        log.debug("error releasing a proxy", exc_info=True)
 
 
 def this_host() -> str:

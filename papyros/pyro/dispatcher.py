@@ -265,8 +265,9 @@ class PyroDispatcherProxy(TaskDispatcher):
             link.close_soon()  # Only queues it: closed below, in one call per run.
         self._flush_doomed()
         for peer in peers:
-            peer.transfer_to_current_thread()
-            peer.close()
+            # Other threads waiting in a call get a CommunicationError, which _call
+            # turns into ClosedTaskDispatcherError.
+            peer.shutdown()
 
     # -- calls
 
