@@ -113,7 +113,7 @@ def run_unit(payload: Any, codec: Codec, *, escaping: ExceptionTypes = BaseExcep
                 raise
             # Task._run() only takes care of an Exception; the task's class options
             # (task_attr, traceback_attr) apply to this one too.
-            error = type(task)._annotate(exc, task.args, task.kwargs)  # type: ignore[arg-type]
+            error = type(task)._annotate(exc, task.args, task.kwargs, task)  # type: ignore[arg-type]
             outcomes.append((False, error))
     return codec.encode_outcomes(outcomes)
 
@@ -122,8 +122,8 @@ def work(source: WorkSource, codec: Codec, *, escaping: ExceptionTypes = BaseExc
     """Run units from ``source`` until it says stop.
 
     A task's exception that is one of ``escaping`` ends the loop (see
-    :func:`run_unit`): a worker process that may be stopped by a SystemExit
-    raised in a signal handler keeps the default, a worker thread passes ``()``.
+    :func:`run_unit`): a worker thread or process passes ``()``, or the
+    exception its own signal handler raises to stop it.
     """
     while assignments := source.take():
         # Iterate over the very list take() returned: a source may shorten it from

@@ -667,12 +667,6 @@ def _outcome(queue: papyros.TaskQueue) -> object:
 def test_a_task_raising_systemexit_or_kin_stops_nothing_else(
     make_dispatcher: DispatcherFactory, backend: str, error: type[BaseException]
 ) -> None:
-    if backend == "pyro":
-        pytest.skip(
-            "a remote worker process ends on SystemExit (its SIGTERM handler raises one); "
-            "its dispatcher learns so when its lease runs out, tens of seconds later, and "
-            "outcomes the worker had not handed back yet are lost with it"
-        )
     # One worker: the task's exception must not take it down with the tasks it holds.
     dispatcher = make_dispatcher(workers=1) if backend != "dummy" else make_dispatcher()
     queue = dispatcher.make_queue()
@@ -690,15 +684,10 @@ def test_a_task_raising_systemexit_or_kin_stops_nothing_else(
         results = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
         [failure] = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         assert sorted(results) == [4, 9]  # type: ignore[type-var]
-        if backend == "process":
-            # A worker process ends on SystemExit, as a task would make any Python
-            # process end: the task's outcome is the loss of its worker, after retries.
-            assert isinstance(failure, papyros.WorkerLostError)
-        else:
-            # Raised in the task's place, as ThreadPoolExecutor makes it the future's outcome.
-            assert outcomes[1] is failure
-            assert type(failure) is error
-            assert str(failure) == "raised by the task"
+        # Raised in the task's place, as ThreadPoolExecutor makes it the future's outcome.
+        assert outcomes[1] is failure
+        assert type(failure) is error
+        assert str(failure) == "raised by the task"
         queue.close()
     assert list(dispatcher.map(square, range(5), ordered=True)) == [0, 1, 4, 9, 16]
 

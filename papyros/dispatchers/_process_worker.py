@@ -154,7 +154,9 @@ def worker_main(tasks: Connection, results: Connection) -> None:
     source = _PipeWorkSource(tasks, results)
     try:
         source.ready()
-        work(source, _WorkerCodec(source))
+        # Whatever a task raises is its outcome, SystemExit included, as on the thread
+        # backend: this process is stopped by signals, not by exceptions.
+        work(source, _WorkerCodec(source), escaping=())
     except (BrokenPipeError, ConnectionResetError):
         pass  # The parent is gone; nobody is waiting for our outcomes.
     finally:

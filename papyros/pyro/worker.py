@@ -19,6 +19,7 @@ dispatcher, or whose dispatcher restarts, retries with backoff and registers aga
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -225,7 +226,9 @@ def run_worker(options: WorkerOptions, stop: threading.Event) -> None:
             )
             beat.start()
             source = _RemoteSource(peer, worker_id, stop)
-            work(source, _RemoteCodec(source))
+            # Whatever a task raises is its outcome, SystemExit included, as on the
+            # other backends; only SIGTERM (_Terminated) stops the worker.
+            work(source, _RemoteCodec(source), escaping=(_Terminated,))
         except AuthenticationError as exc:
             log.error("worker refused: %s; retrying in %.1f s", exc, backoff)
         except (PapyrosError, LookupError, RuntimeError) as exc:
@@ -252,9 +255,17 @@ def worker_main(options: WorkerOptions) -> None:
     keep_freed_buffers()
     # Ctrl-C goes to the whole process group: the manager decides, workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_now)
-    run_worker(options, threading.Event())
+    signal.signal(signal.SIGTERM, _terminate)
+    with contextlib.suppress(_Terminated):
+        run_worker(options, threading.Event())
 
 
-def _exit_now(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
+class _Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread, wherever it is, to stop the worker.
+
+    Not a SystemExit, which a task may raise: that one is the task's outcome.
+    """
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
