@@ -387,6 +387,20 @@ class Scheduler:
                 self._room_ready.notify_all()
             return taken
 
+    def cancelled(self, worker: Hashable, unit_id: int, attempt: int) -> bool:
+        """Whether a unit ``worker`` took is no longer wanted: its queue or the scheduler closed.
+
+        For a worker to ask before it runs each unit it took ahead, so it takes
+        no lock unless a queue was abandoned to the garbage collector: it reads
+        the tables as they are. A read that races a close errs towards running
+        the unit; closed never turns back to open.
+        """
+        if self._orphans:
+            with self._lock:
+                self._reap_orphans()
+        unit = self._inflight.get(unit_id)
+        return unit is None or unit.queue.closed or unit.attempt != attempt or unit.worker != worker
+
     def complete(self, worker: Hashable, unit_id: int, attempt: int, outcome: Any) -> bool:
         """Record a unit's outcome.
 

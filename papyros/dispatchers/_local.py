@@ -89,33 +89,13 @@ class CoreWorkSource(WorkSource):
             return []
 
     def start(self, assignment: Assignment) -> bool:
-        if not _cancelled(self._scheduler, self._worker, assignment):
+        if not self._scheduler.cancelled(self._worker, assignment.unit_id, assignment.attempt):
             return True
         self._scheduler.give_back(self._worker, [assignment.unit_id])  # Its queue drops it.
         return False
 
     def finish(self, assignment: Assignment, outcome: object) -> None:
         self._scheduler.complete(self._worker, assignment.unit_id, assignment.attempt, outcome)
-
-
-def _cancelled(scheduler: Scheduler, worker: Hashable, assignment: Assignment) -> bool:
-    """Whether a unit that ``worker`` took is no longer wanted: its queue or the scheduler closed.
-
-    Called before each unit a worker runs, so it takes no lock: it reads the
-    scheduler's tables as they are. A read that races a close errs towards
-    running the unit; closed never turns back to open.
-    """
-    # Scheduler internals, read here because the scheduler has no lock-free call for
-    # this; a Scheduler.cancelled(unit_id, attempt) would be their proper place.
-    if scheduler._orphans:
-        scheduler.num_queues()  # Closes the queues that the garbage collector abandoned.
-    unit = scheduler._inflight.get(assignment.unit_id)
-    return (
-        unit is None
-        or unit.queue.closed
-        or unit.attempt != assignment.attempt
-        or unit.worker != worker
-    )
 
 
 class CoreDispatcher(TaskDispatcher):
