@@ -25,7 +25,15 @@ import pytest
 
 import papyros
 from tests.pyro_cluster import Cluster, command, environment, read_line, stop
-from tests.tasks import Boom, announce_then_sleep, identity, kill_own_worker, square, whoami
+from tests.tasks import (
+    Boom,
+    announce_then_sleep,
+    call,
+    identity,
+    kill_own_worker,
+    square,
+    whoami,
+)
 
 pytestmark = pytest.mark.usefixtures("pyro_cluster")
 
@@ -318,6 +326,36 @@ def test_big_batches_travel_in_calls_of_bounded_size(pyro_cluster: Cluster) -> N
         with pytest.raises(papyros.SerializationError, match="argument 0"):
             list(dispatcher.execute([*(identity(p) for p in payloads), identity(threading.Lock())]))
         assert sorted(dispatcher.execute(identity(p) for p in payloads[:2])) == payloads[:2]
+
+
+def test_a_task_or_result_over_the_message_cap_is_that_task_s_error(
+    pyro_cluster: Cluster,
+) -> None:
+    pyro_cluster.start_dispatcher("capped", "--max-message-size", str(5 * 1024 * 1024))
+    pyro_cluster.start_workers("capped", 2)
+    too_big = 6 * 1024 * 1024
+    with client(pyro_cluster, "capped") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="two workers")
+        workers = worker_pids(dispatcher)
+        with dispatcher.make_queue() as queue:
+            queue.push(square(2))
+            with pytest.raises(papyros.SerializationError, match="max-message-size"):
+                queue.push(identity(b"x" * too_big))
+            queue.push(square(3))  # The queue, and what it holds, are intact.
+            assert sorted([queue.pop(30), queue.pop(30)]) == [4, 9]
+        outcomes: list[object] = []
+        results = dispatcher.execute(
+            [square(1), identity(b"x" * too_big), call(bytes, too_big), square(2)], ordered=True
+        )
+        while True:
+            try:
+                outcomes.append(next(results))
+            except papyros.SerializationError as exc:
+                outcomes.append("bigger than a message" if "max-message-size" in str(exc) else exc)
+            except StopIteration:
+                break
+        assert outcomes == [1, "bigger than a message", "bigger than a message", 4]
+        assert worker_pids(dispatcher) == workers  # No worker was lost over it.
 
 
 def test_bad_worker_counts_fail_in_one_line() -> None:

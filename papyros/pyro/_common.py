@@ -47,6 +47,10 @@ SERIALIZER = "marshal"
 # The default cap on one message, in bytes.
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 
+# Room in a message for what goes with its one payload: the largest payload that may
+# travel is the smaller cap of the two ends, less this.
+MESSAGE_SLACK = 64 * 1024
+
 # About the most payload bytes one call carries: bigger batches of units or outcomes
 # are split over several calls, so work flows while the rest is still in transit and
 # no message needs a buffer of the size of a whole batch.
@@ -300,6 +304,9 @@ class Peer:
         # The socket timeout of the current proxy.
         self._timeout = CALL_SLACK
         self.incarnation = ""
+        # The largest payload (a unit, or a unit's outcomes) a message to or from the
+        # dispatcher may carry, known once connected: the smaller cap of the two ends.
+        self.largest_payload: int = pyro_config.MAX_MESSAGE_SIZE - MESSAGE_SLACK
         # Protects _proxy and _shut: shutdown() may take the proxy from under a call.
         self._lock = threading.Lock()
         # Set by shutdown(): no connection is made again.
@@ -321,7 +328,9 @@ class Peer:
             proof = _auth.prove(
                 self._secret, _auth.PEER, proxy._papyros_dispatcher_nonce, proxy._papyros_nonce
             )
-            self.incarnation = str(proxy.authenticate(proof, self._role, self._session))
+            incarnation, cap = proxy.authenticate(proof, self._role, self._session)
+            self.incarnation = str(incarnation)
+            self.largest_payload = min(int(cap), pyro_config.MAX_MESSAGE_SIZE) - MESSAGE_SLACK
         except AuthenticationError:
             proxy._pyroRelease()
             raise

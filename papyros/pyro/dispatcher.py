@@ -37,6 +37,7 @@ from papyros.errors import (
     ClosedTaskQueueError,
     CommunicationError,
     PapyrosError,
+    SerializationError,
     TimeoutError,
     WorkerLostError,
 )
@@ -320,7 +321,16 @@ class RemoteQueueLink(QueueLink):
         self._closed = False
 
     def encode(self, unit: Unit) -> Encoded:
-        return self._codec.encode_unit(unit), len(unit)
+        payload = self._codec.encode_unit(unit)
+        largest = self._dispatcher._peer().largest_payload
+        if len(payload) > largest:
+            what = "a task" if len(unit) == 1 else f"a unit of {len(unit)} tasks"
+            raise SerializationError(
+                f"{what} pickles to {len(payload):,} bytes, more than the {largest:,} a message "
+                "to the dispatcher may carry; pass less data per task (or fewer tasks per "
+                "chunk), or raise the dispatcher's --max-message-size"
+            )
+        return payload, len(unit)
 
     def send(self, units: list[Encoded], deadline: float | None) -> list[int]:
         accepted: list[int] = []

@@ -109,7 +109,9 @@ class DispatcherService:
 
     # -- authentication
 
-    def authenticate(self, proof: bytes, role: str, session: str) -> str:
+    def authenticate(self, proof: bytes, role: str, session: str) -> list[Any]:
+        """Check a peer's proof of the secret; return this dispatcher's incarnation and
+        message cap."""
         conn = Pyro5.api.current_context.client
         nonces = getattr(conn, "papyros_nonces", None)
         if nonces is None or role not in ("client", "worker"):
@@ -125,7 +127,7 @@ class DispatcherService:
             with self._lock:
                 self._session_connections[session] = self._session_connections.get(session, 0) + 1
         log.debug("authenticated a %s from %s", role, _address(conn))
-        return self.incarnation
+        return [self.incarnation, Pyro5.api.config.MAX_MESSAGE_SIZE]
 
     # -- clients
 

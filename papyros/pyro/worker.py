@@ -20,6 +20,7 @@ dispatcher, or whose dispatcher restarts, retries with backoff and registers aga
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import threading
@@ -27,7 +28,7 @@ import time
 from typing import Any
 
 from papyros._auth import load_secret
-from papyros.errors import AuthenticationError, PapyrosError
+from papyros.errors import AuthenticationError, PapyrosError, SerializationError
 from papyros.pyro._common import (
     CALL_BYTES,
     LONG_POLL,
@@ -158,6 +159,11 @@ class _RemoteSource(WorkSource):
             self._exchange(0, 0.0)
             self._flushed_at = now
 
+    @property
+    def largest_payload(self) -> int:
+        """The largest outcome that may travel back to the dispatcher."""
+        return self._peer.largest_payload
+
     def current_ntasks(self) -> int:
         """The number of tasks of the unit being run."""
         return self._batch[self._batch_size - self._batch_left].ntasks
@@ -190,6 +196,21 @@ class _RemoteCodec(PickleCodec):
                 self._logged.add(cause)
                 log.warning("could not unpickle a unit of tasks (%s); its tasks fail", cause)
             return self.unreadable_unit(exc, self._source.current_ntasks())
+
+    def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> Any:
+        outcome = super().encode_results(values, errors)
+        largest = self._source.largest_payload
+        if len(outcome) <= largest:
+            return outcome
+        # It could not reach the client: each task that did not fail says why, instead.
+        failure = SerializationError(
+            f"the results of a unit of {len(values)} task(s) pickle to {len(outcome):,} bytes, "
+            f"more than the {largest:,} a message to the dispatcher may carry; return less "
+            "data per task (or use fewer tasks per chunk), or raise the dispatcher's "
+            "--max-message-size"
+        )
+        too_big = {index: copy.copy(failure) for index in range(len(values))}
+        return super().encode_results([None] * len(values), {**too_big, **errors})
 
 
 def _heartbeat(peer: Peer, worker_id: str, interval: float, stop: threading.Event) -> None:
