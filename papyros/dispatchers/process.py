@@ -30,7 +30,7 @@ opaque payloads (see :mod:`papyros.serialization`). Workers pull: a feeder
 sends its worker more units only while the worker holds fewer than its
 prefetch, sized from the worker's measured speed to about
 ``_PREFETCH_SECONDS`` of work, so the pipe of a worker running short units is
-never empty and a worker running long ones is never handed a pile. Many
+never empty and a worker running long ones holds only two. Many
 units travel per pipe write and many outcomes per read, so there is no
 per-task round trip.
 
