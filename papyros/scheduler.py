@@ -18,9 +18,10 @@ Rules it enforces:
 - every submitted unit yields exactly one :class:`Finished` entry, on the
   queue that submitted it, unless that queue is closed first;
 - the dispatcher bound (``size``) counts tasks pending assignment, and blocks
-  submitters; a queue's bound (its ``size``) counts its tasks in flight plus its
-  finished tasks not yet fetched, and holds back the queue's pending units,
-  never a worker, so a slow consumer cannot deadlock anyone;
+  submitters (a queue held back by its own bound blocks only its own); a
+  queue's bound (its ``size``) counts its tasks in flight plus its finished
+  tasks not yet fetched, and holds back the queue's pending units, never a
+  worker, so a slow consumer cannot deadlock or stall anyone;
 - queues with pending work are served round-robin, each in FIFO order;
 - a unit carries an attempt number; a completion for any attempt but the
   current one is dropped; a unit whose worker is lost is dispatched again
@@ -159,6 +160,8 @@ class Scheduler:
     Args:
         size: the most tasks that may wait for assignment; 0 means no bound.
             A unit larger than the bound is accepted when nothing is pending.
+            The tasks of a queue held back by its own bound count only against
+            that queue's own submits, so that a slow consumer stalls no one else.
         max_attempts: how many times a unit may be running on a worker that
             dies before that is reported as the unit's outcome.
     """
@@ -251,8 +254,8 @@ class Scheduler:
             queue = self._live_queue(queue_id)
             while (
                 self.size
-                and self._pending_tasks
-                and (self._pending_tasks + units[0][1] > self.size)
+                and (counted := self._counted_pending(queue))
+                and counted + units[0][1] > self.size
             ):
                 if not self._wait(self._room_ready, deadline):
                     raise TimeoutError(
@@ -261,12 +264,14 @@ class Scheduler:
                     )
                 queue = self._live_queue(queue_id)
             ids = []
+            counted = self._counted_pending(queue) if self.size else 0
             for payload, ntasks in units:
-                if self.size and self._pending_tasks and self._pending_tasks + ntasks > self.size:
+                if self.size and counted and counted + ntasks > self.size:
                     break
                 unit = _Unit(next(self._ids), queue, payload, ntasks)
                 queue.pending.append(unit)
                 self._pending_tasks += ntasks
+                counted += ntasks
                 ids.append(unit.id)
             self._offer(queue)
             return ids
@@ -538,6 +543,21 @@ class Scheduler:
             self._room_ready.notify_all()
 
     # ---------------------------------------------------------------- internals (lock held)
+
+    def _counted_pending(self, queue: _Queue) -> int:
+        """The pending tasks that count against ``size`` for a submit to ``queue``.
+
+        Those of other queues held back by their own bound (their results are
+        not being fetched) do not: one slow consumer must not stall the other
+        clients. The queue's own do, so that its own pusher is the one to wait.
+        """
+        held_back = sum(
+            unit.ntasks
+            for other in self._queues.values()
+            if other is not queue and other.pending and not other.in_ring
+            for unit in other.pending
+        )
+        return self._pending_tasks - held_back
 
     def _check_open(self) -> None:
         if self._closed:

@@ -454,6 +454,22 @@ def test_a_full_dispatcher_blocks_the_pusher(
         assert dispatcher.num_tasks() == 2
 
 
+def test_a_slow_consumer_does_not_stall_other_clients_of_a_bounded_dispatcher(
+    make_concurrent_dispatcher: DispatcherFactory,
+) -> None:
+    dispatcher = make_concurrent_dispatcher(size=3)
+    with dispatcher.make_queue(size=1) as slow, dispatcher.make_queue() as other:
+        # The slow consumer pops nothing: its first task, finished, fills its queue, and
+        # the three after it are held back, as many as the dispatcher's bound.
+        for i in range(4):
+            slow.push(square(i), timeout=30)
+        # The other client's tasks still go in, and run.
+        for i in range(5):
+            other.push(square(i), timeout=30)
+        assert sorted(other.pop(timeout=30) for _ in range(5)) == [0, 1, 4, 9, 16]
+        assert sorted(slow.pop(timeout=30) for _ in range(4)) == [0, 1, 4, 9]
+
+
 @pytest.mark.parametrize(("ordered", "chunksize"), COMBINATIONS)
 def test_bounding_both_dispatcher_and_queue_never_deadlocks(
     make_dispatcher: DispatcherFactory, ordered: bool, chunksize: int
