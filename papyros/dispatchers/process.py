@@ -495,7 +495,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                 timer = worker.timer
                 if timer is not None and any(entry[0] == timer.unit_id for entry in done):
                     worker.timer = None
-                if not worker.inflight:
+                if not worker.inflight and self._scheduler.num_tasks():
                     # A worker that holds nothing may take a unit that runs alone (a
                     # suspect, see Scheduler.worker_lost): its feeder must look again.
                     self._work_seq += 1
