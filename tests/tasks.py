@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -176,3 +177,13 @@ class Boom:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (open, (self.path, "w"))
+
+
+@papyros.Task.subclass()
+def hold_gil(seconds: int, path: str) -> int:
+    """Note the run in ``path``, then sleep in C without releasing the GIL, as a long
+    call into an extension can: no other thread of the worker runs meanwhile."""
+    with open(path, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    ctypes.PyDLL(None).sleep(seconds)
+    return seconds

@@ -29,6 +29,7 @@ from tests.tasks import (
     Boom,
     announce_then_sleep,
     call,
+    hold_gil,
     identity,
     kill_own_worker,
     square,
@@ -120,6 +121,22 @@ def test_kill_9_of_a_worker_mid_task_loses_no_result(pyro_cluster: Cluster, tmp_
         assert sorted(queue.pop(timeout=30) for _ in range(6)) == list(range(6))
         # The killed worker is replaced.
         wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="a replacement worker")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="vouching reads /proc")
+def test_a_worker_whose_task_holds_the_gil_keeps_its_lease(
+    pyro_cluster: Cluster, tmp_path: Path
+) -> None:
+    pyro_cluster.start_dispatcher("gil", "--lease", "1")
+    pyro_cluster.start_workers("gil", 1, "--lease", "1")
+    runs = tmp_path / "runs"
+    with client(pyro_cluster, "gil") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 1, what="a worker")
+        # Its heartbeat thread cannot run for 4 s, four leases: its manager vouches for it.
+        queue = dispatcher.make_queue()
+        queue.push(hold_gil(4, str(runs)))
+        assert queue.pop(timeout=60) == 4
+        assert len(pids_in(runs)) == 1  # It was not taken for dead and run again.
 
 
 def test_a_stopped_worker_s_units_are_redispatched_and_its_late_result_dropped(

@@ -8,6 +8,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -167,7 +168,7 @@ def run_workers(args: argparse.Namespace) -> int:
 
     try:
         from papyros._auth import load_secret
-        from papyros.pyro.worker import WorkerOptions, worker_main
+        from papyros.pyro.worker import WorkerOptions, vouch_for, worker_main
 
         load_secret(args.secret_file)  # Fail now, not in every worker.
     except (PapyrosError, ImportError) as exc:
@@ -187,26 +188,50 @@ def run_workers(args: argparse.Namespace) -> int:
     count = args.num or available_cpus()
     context = multiprocessing.get_context("spawn")
     workers: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
+    # Each worker's pipe, on which it reports its id whenever it registers.
+    reports: dict[multiprocessing.connection.Connection, multiprocessing.process.BaseProcess] = {}
+    # The worker id of each worker process, by process id: what vouch_for() renews.
+    vouched: dict[int, str] = {}
+    vouch_stop = threading.Event()
+    voucher = threading.Thread(
+        target=vouch_for, args=(options, vouched, vouch_stop), name="papyros-voucher", daemon=True
+    )
     quick_deaths = 0
     respawn_at = 0.0
     print(f"papyros: starting {count} workers for group {args.group!r}", flush=True)
     _stop_on_sigterm()
+    voucher.start()
     try:
         while True:
             now = time.monotonic()
             if len(workers) < count and now >= respawn_at:
                 for slot in set(range(count)) - set(workers):
+                    reader, writer = context.Pipe(duplex=False)
                     process: multiprocessing.process.BaseProcess = context.Process(
-                        target=worker_main, args=(options,), name=f"papyros-worker-{slot}"
+                        target=worker_main, args=(options, writer), name=f"papyros-worker-{slot}"
                     )
                     process.start()
+                    writer.close()
+                    reports[reader] = process
                     workers[slot] = (process, time.monotonic())
             timeout = None if len(workers) == count else max(0.0, respawn_at - now)
             sentinels = {process.sentinel: slot for slot, (process, _) in workers.items()}
-            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout):
-                slot = sentinels[sentinel]  # type: ignore[index]
+            for ready in multiprocessing.connection.wait([*sentinels, *reports], timeout):
+                if isinstance(ready, multiprocessing.connection.Connection):
+                    try:
+                        worker_id = ready.recv()
+                    except (EOFError, OSError):
+                        del reports[ready]
+                        ready.close()
+                    else:
+                        reporter = reports[ready]
+                        if reporter.pid is not None and reporter.is_alive():
+                            vouched[reporter.pid] = str(worker_id)
+                    continue
+                slot = sentinels[ready]  # type: ignore[index]
                 process, started = workers.pop(slot)
                 process.join()
+                vouched.pop(process.pid or 0, None)
                 lived = time.monotonic() - started
                 quick_deaths = quick_deaths + 1 if lived < _QUICK_DEATH else 0
                 delay = min(_MAX_RESPAWN_DELAY, 0.5 * 2 ** max(0, quick_deaths - 1))
@@ -220,7 +245,11 @@ def run_workers(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        vouch_stop.set()
         _stop_processes([process for process, _ in workers.values()])
+        for reader in reports:
+            reader.close()
+        voucher.join(5.0)
     return 0
 
 

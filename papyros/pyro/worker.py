@@ -10,6 +10,10 @@
       run the unit's tasks, encode their outcomes
     heartbeat thread: heartbeat() every lease/3 ─────────▶  keeps the lease while a task runs
 
+    manager process (start-papyros workers), vouch_for():
+      heartbeat() for each of its worker processes that ─▶  keeps the lease while a task
+      runs (not stopped), every lease/3                      holds the GIL
+
 The connection is authenticated both ways before anything the dispatcher
 sends is unpickled. A unit the worker cannot unpickle (its task class is in a
 module not installed here, say) is a SerializationError for each of its tasks,
@@ -23,8 +27,10 @@ import contextlib
 import copy
 import os
 import signal
+import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 from papyros._auth import load_secret
@@ -222,8 +228,13 @@ def _heartbeat(peer: Peer, worker_id: str, interval: float, stop: threading.Even
     peer.close()
 
 
-def run_worker(options: WorkerOptions, stop: threading.Event) -> None:
-    """Serve the group's dispatcher until ``stop`` is set, reconnecting whenever needed."""
+def run_worker(
+    options: WorkerOptions, stop: threading.Event, report: Connection | None = None
+) -> None:
+    """Serve the group's dispatcher until ``stop`` is set, reconnecting whenever needed.
+
+    ``report``, if given, receives this worker's id each time it registers, for
+    the manager that vouches for it (see :func:`vouch_for`)."""
     configure_pyro(tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca)
     secret = load_secret(options.secret_file)
     backoff = _FIRST_BACKOFF
@@ -237,6 +248,9 @@ def run_worker(options: WorkerOptions, stop: threading.Event) -> None:
             peer.connect()
             worker_id = str(peer.call("register_worker", this_host(), os.getpid()))
             log.info("worker %s joined the dispatcher at %s", worker_id, uri)
+            if report is not None:
+                with contextlib.suppress(OSError):
+                    report.send(worker_id)
             backoff = _FIRST_BACKOFF
             beat_peer = Peer(uri, secret, "worker")
             beat = threading.Thread(
@@ -268,7 +282,54 @@ def run_worker(options: WorkerOptions, stop: threading.Event) -> None:
         backoff = min(backoff * 2, _MAX_BACKOFF)
 
 
-def worker_main(options: WorkerOptions) -> None:
+def vouch_for(options: WorkerOptions, workers: dict[int, str], stop: threading.Event) -> None:
+    """Keep the leases of local worker processes that run, from another process.
+
+    A task that holds the GIL (a long call into C code) also stops its
+    worker's heartbeat thread; its dispatcher would take it for dead and run
+    its units again elsewhere. So the manager of the worker processes, which
+    runs no task, renews the lease of each one whose process is running
+    (``workers``: process id to worker id), every third of a lease. It does
+    not vouch for a process that is stopped (SIGSTOP) or gone, nor anywhere
+    it cannot tell (outside Linux): those leases still expire.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    secret = load_secret(options.secret_file)
+    peer: Peer | None = None
+    while not stop.wait(options.lease / 3):
+        for pid, worker_id in list(workers.items()):
+            if not _running(pid):
+                continue
+            try:
+                if peer is None:
+                    uri = options.uri or locate_dispatcher(
+                        options.group, options.ns_host, options.ns_port
+                    )
+                    peer = Peer(uri, secret, "worker")
+                peer.call("heartbeat", worker_id)
+            except LookupError:
+                pass  # It re-registers under a new id, which it reports.
+            except (PapyrosError, RuntimeError):
+                if peer is not None:
+                    peer.close()
+                peer = None  # Try again at the next round.
+                break
+    if peer is not None:
+        peer.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is neither stopped nor a zombie (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            state = file.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"R", b"S", b"D")
+
+
+def worker_main(options: WorkerOptions, report: Connection | None = None) -> None:
     """The entry point of a worker process started by ``start-papyros workers``."""
     from papyros.cli._logging import setup_logging
 
@@ -278,7 +339,7 @@ def worker_main(options: WorkerOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     with contextlib.suppress(_Terminated):
-        run_worker(options, threading.Event())
+        run_worker(options, threading.Event(), report)
 
 
 class _Terminated(BaseException):
