@@ -213,6 +213,16 @@ def test_payloads_of_many_megabytes_arrive_whole_and_in_order(
     assert list(make(2).execute(tasks, ordered=True, chunksize=chunksize)) == payloads
 
 
+def test_workers_of_long_tasks_hold_one_at_a_time(make: Factory) -> None:
+    dispatcher = make(2)
+    # Each worker learns that its units are long (over _ALONE_SECONDS).
+    assert len(set(dispatcher.execute(worker_pid(0.2) for _ in range(4)))) == 2
+    # Two long tasks first: a worker that held two units at once would take both.
+    tasks = [worker_pid(0.5), worker_pid(0.5), worker_pid(), worker_pid()]
+    ran_on = list(dispatcher.execute(tasks, ordered=True))
+    assert ran_on[0] != ran_on[1]
+
+
 def test_lambdas_and_closures_travel_by_value(make: Factory) -> None:
     offset = 10
 

@@ -30,7 +30,7 @@ opaque payloads (see :mod:`papyros.serialization`). Workers pull: a feeder
 sends its worker more units only while the worker holds fewer than its
 prefetch, sized from the worker's measured speed to about
 ``_PREFETCH_SECONDS`` of work, so the pipe of a worker running short units is
-never empty and a worker running long ones holds only two. Many
+never empty and a worker running long ones holds only one. Many
 units travel per pipe write and many outcomes per read, so there is no
 per-task round trip.
 
@@ -90,6 +90,11 @@ _PREFETCH_SECONDS = 0.005
 # a worker's pipe count as assigned, not as pending within the dispatcher's ``size``.
 _MIN_INFLIGHT = 2
 _MAX_INFLIGHT = 256
+# A worker whose units take longer than this, or whose speed is not known yet, holds
+# one at a time: a round trip between units (well under a millisecond) costs little
+# next to them, and a second long unit in its pipe could wait there for it while
+# another worker sits idle.
+_ALONE_SECONDS = 0.05
 # close(): how long running tasks get to finish, then how long SIGTERM gets before SIGKILL.
 _CLOSE_GRACE = 0.5
 _TERMINATE_GRACE = 2.0
@@ -157,7 +162,7 @@ class _Worker:
         self.wakeup = threading.Condition(lock)
         self.state = _State.RUNNING
         self.inflight = 0  # Units sent and not yet finished.
-        self.cap = _MIN_INFLIGHT  # The most units it may hold now; grows as it proves fast.
+        self.cap = 1  # The most units it may hold now; grows as it proves fast.
         self.unit_seconds: float | None = None  # Its running average time per unit.
         self.tasks_sent = 0
         self.ready = False  # It has said it is up (it did not die starting).
@@ -489,8 +494,9 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                 average = worker.unit_seconds
                 average = per_unit if average is None else (average + per_unit) / 2
                 worker.unit_seconds = average
+                fewest = 1 if average > _ALONE_SECONDS else _MIN_INFLIGHT
                 worker.cap = min(
-                    _MAX_INFLIGHT, max(_MIN_INFLIGHT, int(_PREFETCH_SECONDS / max(average, 1e-9)))
+                    _MAX_INFLIGHT, max(fewest, int(_PREFETCH_SECONDS / max(average, 1e-9)))
                 )
                 timer = worker.timer
                 if timer is not None and any(entry[0] == timer.unit_id for entry in done):
