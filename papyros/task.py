@@ -8,11 +8,25 @@ import itertools
 import traceback
 from collections.abc import Callable, Iterator
 from itertools import repeat, starmap
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from papyros.errors import UnprocessedTaskError
 
-__all__ = ["Encoded", "Outcome", "Results", "Task", "TaskBatch", "Unit", "outcomes_of"]
+__all__ = [
+    "Encoded",
+    "ExceptionTypes",
+    "Outcome",
+    "Results",
+    "Task",
+    "TaskBatch",
+    "Unit",
+    "outcomes_of",
+]
+
+#: Exception classes, as ``except`` takes them.
+ExceptionTypes: TypeAlias = "type[BaseException] | tuple[type[BaseException], ...]"
+
+_E = TypeVar("_E", bound=BaseException)
 
 #: What running a task produced: ``(True, result)`` or ``(False, exception)``.
 Outcome: TypeAlias = tuple[bool, Any]
@@ -117,11 +131,11 @@ class Task:
     @classmethod
     def _annotate(
         cls,
-        exc: Exception,
+        exc: _E,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         task: Task | None = None,
-    ) -> Exception:
+    ) -> _E:
         """Give a task's exception the attributes its class options ask for.
 
         The task is ``task`` if it exists, else the one made by ``cls(*args, **kwargs)``.
@@ -153,6 +167,7 @@ class Task:
         kwargs_list: list[dict[str, Any]] | None = None,
         *,
         single: bool = False,
+        escaping: ExceptionTypes = BaseException,
     ) -> Results:
         """Run a task of this class for each set of arguments; their results, in order.
 
@@ -160,6 +175,9 @@ class Task:
         the tasks when the class wraps a plain function (a chunk's fast path:
         the calls run in a C loop that is resumed after a task that raises).
         With ``single``, ``args_list`` holds each task's only argument, bare.
+        A task's exception is its outcome, unless it is not an ``Exception``
+        (SystemExit, KeyboardInterrupt...) and is one of ``escaping``: that one
+        propagates, and the results are lost.
         """
         values: list[Any] = []
         errors: dict[int, BaseException] = {}
@@ -175,8 +193,9 @@ class Task:
             while True:
                 try:
                     values.extend(calls)
-                except Exception as exc:
-                    error: Exception = exc
+                except BaseException as exc:
+                    _check_escaping(exc, escaping)
+                    error: BaseException = exc
                 else:
                     if len(values) == len(args_list):
                         return values, errors
@@ -194,11 +213,17 @@ class Task:
             if plain:
                 try:
                     values.append(execute(*args, **kwargs))
-                except Exception as exc:
+                except BaseException as exc:
+                    _check_escaping(exc, escaping)
                     errors[index] = cls._annotate(exc, args, kwargs)
                     values.append(None)
             else:
-                ok, value = cls(*args, **kwargs)._run()
+                task = cls(*args, **kwargs)
+                try:
+                    ok, value = task._run()
+                except BaseException as exc:  # Task._run() takes care of an Exception.
+                    _check_escaping(exc, escaping)
+                    ok, value = False, cls._annotate(exc, args, kwargs, task)
                 values.append(value if ok else None)
                 if not ok:
                     errors[index] = value
@@ -260,6 +285,12 @@ def _state_of(task: Task) -> Any:
         if hasattr(task, name)
     }
     return (getattr(task, "__dict__", None) or None, slots)
+
+
+def _check_escaping(error: BaseException, escaping: ExceptionTypes) -> None:
+    """Raise ``error`` again if it must escape a run of tasks (see ``Task._run_many``)."""
+    if not isinstance(error, Exception) and isinstance(error, escaping):
+        raise error
 
 
 def _rebuild_task(
@@ -325,8 +356,9 @@ class TaskBatch:
         self.kwargs = kwargs
         self.single = single
 
-    def run(self) -> Results:
-        return self.cls._run_many(self.args, self.kwargs, single=self.single)
+    def run(self, escaping: ExceptionTypes = BaseException) -> Results:
+        """Run the tasks (see :meth:`Task._run_many`, which says what ``escaping`` is)."""
+        return self.cls._run_many(self.args, self.kwargs, single=self.single, escaping=escaping)
 
     def __len__(self) -> int:
         return len(self.args)

@@ -7,17 +7,13 @@ One piece of code for thread, process and remote workers; only the
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
-from typing import Any, TypeAlias
+from typing import Any
 
 from papyros.scheduler import Assignment
-from papyros.task import Outcome, Results, Task, TaskBatch, Unit
+from papyros.task import ExceptionTypes, Outcome, Results, Task, TaskBatch, Unit
 
-__all__ = ["Codec", "ExceptionTypes", "InProcessCodec", "WorkSource", "run_unit", "work"]
-
-#: Exception classes, as ``except`` takes them.
-ExceptionTypes: TypeAlias = "type[BaseException] | tuple[type[BaseException], ...]"
+__all__ = ["Codec", "InProcessCodec", "WorkSource", "run_unit", "work"]
 
 
 class Codec(ABC):
@@ -92,16 +88,7 @@ def run_unit(payload: Any, codec: Codec, *, escaping: ExceptionTypes = BaseExcep
     """
     unit = codec.decode_unit(payload)
     if isinstance(unit, TaskBatch):
-        try:
-            return codec.encode_results(*unit.run())
-        except BaseException as exc:
-            if isinstance(exc, escaping):
-                raise
-            # The batch ran as one call: which task raised, and what those before it
-            # returned, is lost with the call. The exception is every task's outcome.
-            errors = {index: copy.copy(exc) for index in range(1, len(unit))}
-            errors[0] = exc
-            return codec.encode_results([None] * len(unit), errors)
+        return codec.encode_results(*unit.run(escaping))
     if escaping is BaseException:
         return codec.encode_outcomes([task._run() for task in unit])
     outcomes: list[Outcome] = []
@@ -113,7 +100,7 @@ def run_unit(payload: Any, codec: Codec, *, escaping: ExceptionTypes = BaseExcep
                 raise
             # Task._run() only takes care of an Exception; the task's class options
             # (task_attr, traceback_attr) apply to this one too.
-            error = type(task)._annotate(exc, task.args, task.kwargs, task)  # type: ignore[arg-type]
+            error = type(task)._annotate(exc, task.args, task.kwargs, task)
             outcomes.append((False, error))
     return codec.encode_outcomes(outcomes)
 

@@ -27,7 +27,7 @@ from tests.tasks import (
     square,
     stop_at,
 )
-from tests.thread_tasks import raise_base_exception
+from tests.thread_tasks import raise_base_exception, raise_or_square
 
 COMBINATIONS = [
     pytest.param(ordered, chunksize, id=f"{'ordered' if ordered else 'unordered'}-chunk{chunksize}")
@@ -706,6 +706,22 @@ def test_a_task_raising_systemexit_or_kin_stops_nothing_else(
         assert str(failure) == "raised by the task"
         queue.close()
     assert list(dispatcher.map(square, range(5), ordered=True)) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("how", ["execute", "map"])
+@pytest.mark.parametrize("error", [SystemExit, GeneratorExit])
+def test_systemexit_or_kin_in_a_chunk_is_the_outcome_of_its_task_only(
+    dispatcher: papyros.TaskDispatcher, error: type[BaseException], how: str
+) -> None:
+    if how == "execute":
+        tasks = [square(2), raise_base_exception(error), square(3)]
+        results = dispatcher.execute(tasks, ordered=True, chunksize=3)
+    else:
+        results = dispatcher.map(raise_or_square, [2, error, 3], ordered=True, chunksize=3)
+    assert next(results) == 4
+    with pytest.raises(error):
+        next(results)
+    assert list(results) == [9]
 
 
 # ------------------------------------------------------------ taken units are cancelled too

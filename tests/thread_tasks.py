@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import papyros
 
 
@@ -9,3 +11,11 @@ import papyros
 def raise_base_exception(error: type[BaseException]) -> None:
     """Raise ``error``, an exception that is not an ``Exception`` (SystemExit and kin)."""
     raise error("raised by the task")
+
+
+@papyros.Task.subclass()
+def raise_or_square(item: Any) -> Any:
+    """Square ``item``, or raise it if it is an exception class that is not an ``Exception``."""
+    if isinstance(item, type) and issubclass(item, BaseException):
+        raise item("raised by the task")
+    return item * item
