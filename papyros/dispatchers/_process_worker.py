@@ -16,7 +16,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from papyros.dispatchers._pipes import recv_framed, send_framed
-from papyros.errors import SerializationError
 from papyros.scheduler import Assignment
 from papyros.serialization import PickleCodec
 from papyros.task import Outcome, Task, TaskBatch
@@ -26,18 +25,6 @@ __all__ = ["worker_main"]
 
 # A worker sends its finished outcomes at least this often while it keeps running units.
 _FLUSH_SECONDS = 0.002
-
-
-class _Broken(Task):
-    """Stands for a task that the worker could not unpickle: its outcome is that error."""
-
-    __slots__ = ("_error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self._error = error
-
-    def _run(self) -> Outcome:
-        return (False, self._error)
 
 
 class _Timed(Task):
@@ -65,9 +52,7 @@ class _WorkerCodec(PickleCodec):
         try:
             unit = super().decode_unit(payload)
         except Exception as exc:
-            error = SerializationError(f"the worker could not unpickle a unit of tasks: {exc}")
-            error.__cause__ = exc
-            return [_Broken(error) for _ in range(self._source.current_ntasks())]
+            return self.unreadable_unit(exc, self._source.current_ntasks())
         if isinstance(unit, TaskBatch):
             if unit.cls.time_limit is None:
                 return unit
