@@ -43,7 +43,7 @@ from operator import attrgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
-from papyros.task import Outcome, Results, Task, TaskBatch, Unit
+from papyros.task import ExceptionTypes, Outcome, Results, Task, TaskBatch, Unit
 from papyros.worker import Codec
 
 __all__ = ["PickleCodec"]
@@ -369,7 +369,7 @@ class _Unreadable(Task):
     def __init__(self, error: BaseException) -> None:
         self._error = error
 
-    def _run(self) -> Outcome:
+    def _run(self, escaping: ExceptionTypes = BaseException) -> Outcome:
         return (False, self._error)
 
 

@@ -121,11 +121,17 @@ class Task:
             return value
         raise value
 
-    def _run(self) -> Outcome:
-        """Run the task and return its outcome, leaving the task itself untouched."""
+    def _run(self, escaping: ExceptionTypes = BaseException) -> Outcome:
+        """Run the task and return its outcome, leaving the task itself untouched.
+
+        An exception the task raises is its outcome, unless it is not an
+        ``Exception`` (SystemExit, KeyboardInterrupt...) and is one of
+        ``escaping``: that one propagates.
+        """
         try:
             return (True, self._execute(*self.args, **self.kwargs))
-        except Exception as exc:
+        except BaseException as exc:
+            _check_escaping(exc, escaping)
             return (False, type(self)._annotate(exc, self.args, self.kwargs, self))
 
     @classmethod
@@ -218,12 +224,7 @@ class Task:
                     errors[index] = cls._annotate(exc, args, kwargs)
                     values.append(None)
             else:
-                task = cls(*args, **kwargs)
-                try:
-                    ok, value = task._run()
-                except BaseException as exc:  # Task._run() takes care of an Exception.
-                    _check_escaping(exc, escaping)
-                    ok, value = False, cls._annotate(exc, args, kwargs, task)
+                ok, value = cls(*args, **kwargs)._run(escaping)
                 values.append(value if ok else None)
                 if not ok:
                     errors[index] = value

@@ -89,20 +89,7 @@ def run_unit(payload: Any, codec: Codec, *, escaping: ExceptionTypes = BaseExcep
     unit = codec.decode_unit(payload)
     if isinstance(unit, TaskBatch):
         return codec.encode_results(*unit.run(escaping))
-    if escaping is BaseException:
-        return codec.encode_outcomes([task._run() for task in unit])
-    outcomes: list[Outcome] = []
-    for task in unit:
-        try:
-            outcomes.append(task._run())
-        except BaseException as exc:
-            if isinstance(exc, escaping):
-                raise
-            # Task._run() only takes care of an Exception; the task's class options
-            # (task_attr, traceback_attr) apply to this one too.
-            error = type(task)._annotate(exc, task.args, task.kwargs, task)
-            outcomes.append((False, error))
-    return codec.encode_outcomes(outcomes)
+    return codec.encode_outcomes([task._run(escaping) for task in unit])
 
 
 def work(source: WorkSource, codec: Codec, *, escaping: ExceptionTypes = BaseException) -> None:

@@ -27,7 +27,11 @@ from tests.tasks import (
     square,
     stop_at,
 )
-from tests.thread_tasks import raise_base_exception, raise_or_square
+from tests.thread_tasks import (
+    raise_base_exception,
+    raise_base_exception_in_time,
+    raise_or_square,
+)
 
 COMBINATIONS = [
     pytest.param(ordered, chunksize, id=f"{'ordered' if ordered else 'unordered'}-chunk{chunksize}")
@@ -706,6 +710,17 @@ def test_a_task_raising_systemexit_or_kin_stops_nothing_else(
         assert str(failure) == "raised by the task"
         queue.close()
     assert list(dispatcher.map(square, range(5), ordered=True)) == [0, 1, 4, 9, 16]
+
+
+def test_systemexit_from_a_task_with_a_time_limit_is_its_outcome(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    results = dispatcher.execute(
+        [raise_base_exception_in_time(SystemExit), square(3)], ordered=True
+    )
+    with pytest.raises(SystemExit, match="raised by the task"):
+        next(results)
+    assert list(results) == [9]
 
 
 @pytest.mark.parametrize("how", ["execute", "map"])

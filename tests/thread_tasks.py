@@ -19,3 +19,10 @@ def raise_or_square(item: Any) -> Any:
     if isinstance(item, type) and issubclass(item, BaseException):
         raise item("raised by the task")
     return item * item
+
+
+@papyros.Task.subclass(time_limit=60)
+def raise_base_exception_in_time(error: type[BaseException]) -> None:
+    """As :func:`raise_base_exception`, for a task class with a time limit (which the
+    process backend runs wrapped, to watch the limit)."""
+    raise error("raised by the task")

@@ -18,7 +18,7 @@ from typing import Any
 from papyros.dispatchers._pipes import recv_framed, send_framed
 from papyros.scheduler import Assignment
 from papyros.serialization import PickleCodec
-from papyros.task import Outcome, Task, TaskBatch
+from papyros.task import ExceptionTypes, Outcome, Task, TaskBatch
 from papyros.worker import WorkSource, work
 
 __all__ = ["worker_main"]
@@ -36,9 +36,9 @@ class _Timed(Task):
         self._inner = inner
         self._source = source
 
-    def _run(self) -> Outcome:
+    def _run(self, escaping: ExceptionTypes = BaseException) -> Outcome:
         self._source.task_starting(self._inner)
-        return self._inner._run()
+        return self._inner._run(escaping)
 
 
 class _WorkerCodec(PickleCodec):
