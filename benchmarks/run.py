@@ -173,6 +173,8 @@ class Runner(ABC):
     is_papyros: ClassVar[bool] = False
     #: Footnotes for the tables, by workload name ("W1").
     notes: ClassVar[dict[str, str]] = {}
+    #: The workloads this runner runs, by name; None for all of them.
+    runs: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -689,6 +691,7 @@ class MapVariant(PapyrosRunner):
     #: How the variant runs W1, for its table.
     call = "dispatcher.map(noop, range(N), chunksize=c)"
     notes: ClassVar[dict[str, str]] = {}
+    runs: ClassVar[frozenset[str] | None] = frozenset({"W1"})
 
     def w1(self, ntasks: int, chunksize: int) -> int:
         return sum(self._dispatcher.map(self._noop, range(ntasks), chunksize=chunksize))
@@ -956,6 +959,10 @@ class Metric:
     sample: Callable[[Runner], list[float]]
     #: All of one runner's durations: its number in the table.
     summarize: Callable[[list[float]], Measured]
+    #: Sample each runner with no other pool of its backend up. An idle pool still
+    #: uses CPU (a Dask LocalCluster ~10% of a core), which a measure of the whole
+    #: machine's use, like W2's efficiency, would charge to whoever is measured.
+    alone: bool = False
 
 
 @dataclass(frozen=True)
@@ -1009,7 +1016,17 @@ def w2_metrics(s: Settings) -> list[Metric]:
         ideal = s.spin_serial_seconds / s.workers
         return Measured(100 * ideal / wall, f"{wall:.2f} s")
 
-    return [Metric("efficiency (wall)", True, lambda v: f"{v:.1f}%", s.repeat, sample, summarize)]
+    return [
+        Metric(
+            "efficiency (wall)",
+            True,
+            lambda v: f"{v:.1f}%",
+            s.repeat,
+            sample,
+            summarize,
+            alone=True,
+        )
+    ]
 
 
 def w3_metrics(s: Settings) -> list[Metric]:
@@ -1195,8 +1212,10 @@ def run_backend(
     """Measure every metric of ``workloads_`` on every runner of one backend.
 
     The runners' warm pools are all up together, and each metric is sampled
-    in rounds that take every runner in turn (see :class:`Metric`). A failure
-    is logged and leaves "failed" in the cells it spoils; the run goes on. A
+    in rounds that take every runner in turn (see :class:`Metric`). Then the
+    pools go down, and the metrics sampled ``alone`` go round the runners the
+    same way, each runner's pool up only while it is sampled. A failure is
+    logged and leaves "failed" in the cells it spoils; the run goes on. A
     sample still running after ``timeout`` seconds ends the program, with
     every thread's stack on stderr, rather than hanging forever.
     """
@@ -1204,22 +1223,43 @@ def run_backend(
         (workload.name, metric) for workload in workloads_ for metric in workload.metrics(settings)
     ]
     rows = [Row(backend, type(runner)) for runner in runners]
+    for runner, row in zip(runners, rows, strict=True):
+        for name, metric in metrics:
+            if runner.runs is not None and name not in runner.runs:
+                row.cells[(name, metric.heading)] = "n/a"
+    together = [(name, metric) for name, metric in metrics if not metric.alone]
+    alone = [(name, metric) for name, metric in metrics if metric.alone]
     started: list[tuple[Runner, Row]] = []
     try:
         for runner, row in zip(runners, rows, strict=True):
+            if not _wanted(row, together):
+                continue
             if _start(runner, settings, timeout, f"[{backend}] {runner.label}"):
                 started.append((runner, row))
             else:
-                row.cells = {(name, metric.heading): "failed" for name, metric in metrics}
-        for name, metric in metrics:
+                row.cells.update({(name, metric.heading): "failed" for name, metric in together})
+        for name, metric in together:
             _measure(backend, name, metric, started, timeout)
     finally:
-        for runner, _ in started:
-            try:
-                runner.stop()
-            except Exception:
-                _log(f"[{backend}] {runner.label}: could not stop:\n{traceback.format_exc()}")
+        _stop_all(backend, started)
+    for name, metric in alone:
+        _measure_alone(
+            backend, name, metric, list(zip(runners, rows, strict=True)), settings, timeout
+        )
     return rows
+
+
+def _wanted(row: Row, metrics: Sequence[tuple[str, Metric]]) -> bool:
+    """Whether any of ``metrics`` is still to be sampled on ``row``'s runner."""
+    return any((name, metric.heading) not in row.cells for name, metric in metrics)
+
+
+def _stop_all(backend: str, started: Sequence[tuple[Runner, Row]]) -> None:
+    for runner, _ in started:
+        try:
+            runner.stop()
+        except Exception:
+            _log(f"[{backend}] {runner.label}: could not stop:\n{traceback.format_exc()}")
 
 
 def _start(runner: Runner, settings: Settings, timeout: float, label: str) -> bool:
@@ -1250,24 +1290,76 @@ def _measure(
     timeout: float,
 ) -> None:
     """Sample one metric on every runner, round by round, and fill in their cells."""
+    started = time.perf_counter()
+    samples: list[list[float]] = [[] for _ in runners]
+    for _ in range(metric.rounds):
+        for (runner, row), runner_samples in zip(runners, samples, strict=True):
+            _sample(backend, workload, metric, runner, row, runner_samples, timeout)
+    _summarize(backend, workload, metric, runners, samples, started)
+
+
+def _measure_alone(
+    backend: str,
+    workload: str,
+    metric: Metric,
+    runners: Sequence[tuple[Runner, Row]],
+    settings: Settings,
+    timeout: float,
+) -> None:
+    """As :func:`_measure`, with only the sampled runner's pool up, started for each sample."""
     key = (workload, metric.heading)
     started = time.perf_counter()
     samples: list[list[float]] = [[] for _ in runners]
     for _ in range(metric.rounds):
         for (runner, row), runner_samples in zip(runners, samples, strict=True):
             if key in row.cells:
-                continue  # not applicable, or failed: no more rounds
-            faulthandler.dump_traceback_later(timeout, exit=True)
-            try:
-                runner_samples += metric.sample(runner)
-            except NotApplicable:
-                row.cells[key] = "n/a"
-            except Exception:
-                label = f"[{backend}] {runner.label}: {workload} {metric.heading}"
-                _log(f"{label} failed:\n{traceback.format_exc()}")
+                continue
+            if not _start(runner, settings, timeout, f"[{backend}] {runner.label}"):
                 row.cells[key] = "failed"
+                continue
+            try:
+                _sample(backend, workload, metric, runner, row, runner_samples, timeout)
             finally:
-                faulthandler.cancel_dump_traceback_later()
+                _stop_all(backend, [(runner, row)])
+    _summarize(backend, workload, metric, runners, samples, started)
+
+
+def _sample(
+    backend: str,
+    workload: str,
+    metric: Metric,
+    runner: Runner,
+    row: Row,
+    samples: list[float],
+    timeout: float,
+) -> None:
+    """Add one round's samples of ``metric`` on ``runner``; a failure fills its cell instead."""
+    key = (workload, metric.heading)
+    if key in row.cells:
+        return  # not applicable, or failed: no more rounds
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        samples += metric.sample(runner)
+    except NotApplicable:
+        row.cells[key] = "n/a"
+    except Exception:
+        label = f"[{backend}] {runner.label}: {workload} {metric.heading}"
+        _log(f"{label} failed:\n{traceback.format_exc()}")
+        row.cells[key] = "failed"
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _summarize(
+    backend: str,
+    workload: str,
+    metric: Metric,
+    runners: Sequence[tuple[Runner, Row]],
+    samples: list[list[float]],
+    started: float,
+) -> None:
+    """Fill in each runner's cell from its samples, and log the metric's line."""
+    key = (workload, metric.heading)
     summary = []
     for (runner, row), runner_samples in zip(runners, samples, strict=True):
         if key not in row.cells:
