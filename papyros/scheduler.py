@@ -513,12 +513,6 @@ class Scheduler:
         with self._lock:
             return sorted(self._held.get(worker, ()))
 
-    def forget_worker(self, worker: Hashable) -> None:
-        """Drop the bookkeeping of a worker that stopped holding nothing."""
-        with self._lock:
-            if not self._held.get(worker, True):
-                del self._held[worker]
-
     # ---------------------------------------------------------------- lifecycle
 
     @property
