@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import pickle
 import reprlib
+import threading
 import traceback
 import types
 from operator import attrgetter
@@ -197,42 +198,56 @@ def _dumps(value: object) -> bytes:
 
 
 class _Pieces:
-    """A file that keeps what a pickler writes to it, in pieces.
+    """A pickler's file that keeps what is written to it, in pieces.
 
     A pickler writes a large ``bytes`` object of the value it pickles as it is,
     in a write of its own: it is kept by reference (it cannot change), never
-    copied. Any other buffer (a bytearray, which could change) is copied.
+    copied. ``write`` is the list's own ``append`` (the pickler ignores what
+    it returns), so a write costs no Python call.
     """
 
-    __slots__ = ("pieces", "size")
+    __slots__ = ("pieces", "write")
 
     def __init__(self) -> None:
-        self.pieces: list[bytes] = []
-        self.size = 0
+        self.pieces: list[Any] = []
+        self.write = self.pieces.append
 
-    def write(self, data: Any) -> int:
-        piece = data if type(data) is bytes else bytes(data)
-        self.pieces.append(piece)
-        self.size += len(piece)
-        return len(piece)
+
+# Each thread's pickler for _dumps_in_pieces, and its file: making a Pickler costs
+# more than pickling a small unit with it.
+_picklers = threading.local()
 
 
 def _dumps_in_pieces(value: object) -> bytes | tuple[bytes, ...]:
     """Like :func:`_dumps`, but a large pickle comes as a tuple of pieces holding the large
     ``bytes`` objects of ``value`` themselves: a 1 MB argument or result is not copied."""
-    out = _Pieces()
+    # Taken out while in use, so that a pickle made while this one is (by some
+    # __reduce__) gets a pickler of its own.
+    pair: tuple[pickle.Pickler, _Pieces] | None = getattr(_picklers, "pair", None)
+    _picklers.pair = None
+    if pair is None:
+        out = _Pieces()
+        pair = (pickle.Pickler(out, _PROTOCOL), out)
+    pickler, out = pair
     try:
-        pickle.Pickler(out, _PROTOCOL).dump(value)
+        pickler.dump(value)
     except Exception:
+        # The pickler is left as the failure left it: it is dropped, with what it wrote.
         return _cloudpickle().dumps(value, _PROTOCOL)  # type: ignore[no-any-return]
-    if out.size <= _SEARCH_BYTES:
-        data = b"".join(out.pieces)
+    finally:
+        pickler.clear_memo()  # It holds every object pickled.
+    pieces = out.pieces[:]
+    out.pieces.clear()
+    _picklers.pair = pair
+    if len(pieces) == 1 and len(pieces[0]) <= _SEARCH_BYTES:
+        data: bytes = pieces[0]
         if _MAIN_MARKER in data:
             return _cloudpickle().dumps(value, _PROTOCOL)  # type: ignore[no-any-return]
         return data
     if _names_main(value):
         return _cloudpickle().dumps(value, _PROTOCOL)  # type: ignore[no-any-return]
-    return tuple(out.pieces)
+    # A large bytearray or buffer is written as it is: it could change, so it is copied.
+    return tuple(piece if type(piece) is bytes else bytes(piece) for piece in pieces)
 
 
 class PickleCodec(Codec):
@@ -263,9 +278,15 @@ class PickleCodec(Codec):
         if isinstance(tasks, TaskBatch):
             ref = self._class_ref(tasks.cls, tasks)
             body = (ref, tasks.args, tasks.kwargs, tasks.single)
-        elif (len(tasks) == 1 or len(set(map(type, tasks))) == 1) and type(tasks[0])._from_args:
-            first = type(tasks[0])
-            ref = self._class_ref(first, tasks)
+        elif len(tasks) == 1:
+            task = tasks[0]
+            if type(task)._from_args:
+                ref = self._class_ref(type(task), tasks)
+                body = (ref, [task.args], [task.kwargs] if task.kwargs else None, False)
+            else:
+                body = (None, tasks)
+        elif len(set(map(type, tasks))) == 1 and type(tasks[0])._from_args:
+            ref = self._class_ref(type(tasks[0]), tasks)
             args = list(map(_args, tasks))
             kwargs = list(map(_kwargs, tasks)) if any(map(_kwargs, tasks)) else None
             body = (ref, args, kwargs, False)
