@@ -18,10 +18,14 @@ Positions: every unit pulled from the input gets the next position (0, 1,
 made here: a ``TypeError`` for an input item that is not a Task, or the
 ``SerializationError`` of a task that cannot be sent.
 
-Each chunk is encoded as soon as it is pulled, and its tasks are freed: tasks
-that lived on until their send would survive into the garbage collector's
-oldest generation by the thousand, and make its full collections, which
-visit every object of the program, frequent.
+Tasks should die young. A big chunk is pulled a slice at a time, and a slice
+of tasks of one class that their arguments rebuild (``Task._from_args``, as
+for every class made by ``Task.subclass``) is kept as their arguments alone
+(a :class:`~papyros.task.TaskBatch`, which travels as such tasks do), so each
+Task object is freed a few hundred items after it was made. Each chunk is
+encoded as soon as it is pulled. Thousands of live tasks would make the
+garbage collector run often, visit them all, and move them into its oldest
+generation, whose full collections visit every object of the program.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from itertools import chain, islice, repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from papyros._lifecycle import Closing
@@ -41,6 +46,12 @@ if TYPE_CHECKING:
     from papyros.dispatcher import TaskQueue
 
 __all__ = ["ResultIterator"]
+
+_args = attrgetter("args")
+_kwargs = attrgetter("kwargs")
+
+# A chunk bigger than this is pulled this many tasks at a time (see the module's docstring).
+_SLICE = 128
 
 # Unsent payloads are sent once they reach this size, even with room left in the
 # window: large payloads are not all held at once (their tasks may share the data).
@@ -189,22 +200,74 @@ class ResultIterator(Closing, Iterator[Any]):
 
     def _pull(self) -> None:
         """Pull one chunk of tasks (or up to a bad item) from the input."""
-        chunk: list[Any] = []
+        if self._task_type is not None:
+            items = self._take(self._chunksize)
+            if items:
+                self._add_unit(TaskBatch(self._task_type, items, single=self._single))
+        elif self._chunksize <= _SLICE:
+            self._add_tasks(self._take(self._chunksize))
+        else:
+            self._pull_in_slices()
+
+    def _pull_in_slices(self) -> None:
+        """Pull one chunk, keeping slices of tasks that their arguments rebuild as arguments.
+
+        Up to the first slice that is not all of one such class, the arguments
+        make one unit; the rest of the chunk is pulled whole, as tasks.
+        """
+        batch: TaskBatch | None = None
+        left = self._chunksize
+        while left and not self._exhausted:
+            piece = self._take(min(_SLICE, left))
+            left -= len(piece)
+            if not piece:
+                break
+            first = piece[0]
+            cls = type(first)
+            if (
+                isinstance(first, Task)
+                and cls._from_args
+                and (batch is None or batch.cls is cls)
+                and len(set(map(type, piece))) == 1
+            ):
+                if batch is None:
+                    batch = TaskBatch(cls, [])
+                if batch.kwargs is None and any(map(_kwargs, piece)):
+                    batch.kwargs = [{}] * len(batch.args)
+                batch.args += map(_args, piece)
+                if batch.kwargs is not None:
+                    batch.kwargs += map(_kwargs, piece)
+                continue
+            if batch is not None:
+                self._add_unit(batch)
+                batch = None
+            if left and not self._exhausted:
+                piece += self._take(left)
+            self._add_tasks(piece)
+            return
+        if batch is not None:
+            self._add_unit(batch)
+
+    def _take(self, count: int) -> list[Any]:
+        """Up to ``count`` items of the input: fewer if it ended, or raised (kept for later)."""
+        items: list[Any] = []
         try:
             # extend() keeps the items taken before an error, so none is lost to it.
-            chunk.extend(islice(self._source, self._chunksize))
+            items.extend(islice(self._source, count))
         except Exception as exc:
             self._input_error = exc
-        if len(chunk) < self._chunksize:
+        if len(items) < count:
             self._exhausted = True  # The input ended, or raised.
-        if not chunk:
+        return items
+
+    def _add_tasks(self, items: list[Any]) -> None:
+        """Add a chunk of input items: one unit if all are tasks."""
+        if not items:
             return
-        if self._task_type is not None:
-            self._add_unit(TaskBatch(self._task_type, chunk, single=self._single))
-        elif all(map(isinstance, chunk, repeat(Task))):
-            self._add_unit(chunk)
+        if all(map(isinstance, items, repeat(Task))):
+            self._add_unit(items)
         else:
-            self._pull_mixed(chunk)
+            self._pull_mixed(items)
 
     def _pull_mixed(self, items: list[Any]) -> None:
         """Split a chunk around its items that are not tasks: each is a TypeError, in place."""

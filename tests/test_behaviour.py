@@ -35,7 +35,8 @@ from tests.thread_tasks import (
 
 COMBINATIONS = [
     pytest.param(ordered, chunksize, id=f"{'ordered' if ordered else 'unordered'}-chunk{chunksize}")
-    for ordered, chunksize in itertools.product([False, True], [1, 3, 100])
+    # 300: a chunk bigger than the slices that execute pulls its input in.
+    for ordered, chunksize in itertools.product([False, True], [1, 3, 100, 300])
 ]
 
 
@@ -235,23 +236,74 @@ def test_a_non_task_item_is_a_type_error_in_its_place(dispatcher: papyros.TaskDi
 
 
 @pytest.mark.parametrize("ordered", [False, True])
-@pytest.mark.parametrize("chunksize", [1, 4])
+@pytest.mark.parametrize("chunksize", [1, 4, 300])
 def test_an_error_of_the_input_comes_after_every_result_before_it(
     dispatcher: papyros.TaskDispatcher, ordered: bool, chunksize: int
 ) -> None:
     def tasks() -> Iterator[papyros.Task]:
-        for i in range(10):
+        for i in range(250):
             yield identity(i)
         raise RuntimeError("the input broke")
 
     results = dispatcher.execute(tasks(), ordered=ordered, chunksize=chunksize)
-    got = [next(results) for _ in range(10)]
-    assert sorted(got) == list(range(10))
+    got = [next(results) for _ in range(250)]
+    assert sorted(got) == list(range(250))
     with pytest.raises(RuntimeError, match="the input broke"):
         next(results)
     with pytest.raises(StopIteration):
         next(results)
     assert dispatcher.num_queues() == 0
+
+
+def _mixed_items() -> tuple[list[object], list[object]]:
+    """Items in runs that start and end inside chunks of 300, and their expected outcomes.
+
+    Each chunk of 300 mixes them differently: tasks with no keyword arguments then
+    some with; one task class then another; tasks then an item that is not a task;
+    tasks of a class with its own ``__init__`` then plain ones.
+    """
+    items: list[object] = []
+    expected: list[object] = []
+    for i in range(1200):
+        if i < 200:
+            items.append(add(i))
+            expected.append(i)
+        elif i < 300:
+            items.append(add(i, y=1000))
+            expected.append(i + 1000)
+        elif 450 <= i < 600:
+            items.append(identity(i))
+            expected.append(i)
+        elif i == 701:
+            items.append(f"item {i}")
+            expected.append((TypeError, "execute() takes Task objects; got str 'item 701'"))
+        elif 900 <= i <= 1000:
+            items.append(Scale(i, factor=3))
+            expected.append(3 * i)
+        else:
+            items.append(square(i))
+            expected.append(i * i)
+    return items, expected
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_big_chunks_of_mixed_items_give_each_its_own_outcome(
+    dispatcher: papyros.TaskDispatcher, ordered: bool
+) -> None:
+    items, expected = _mixed_items()
+    results = dispatcher.execute(items, ordered=ordered, chunksize=300)
+    got: list[object] = []
+    while True:
+        try:
+            got.append(next(results))
+        except TypeError as exc:
+            got.append((TypeError, str(exc)))
+        except StopIteration:
+            break
+    if ordered:
+        assert got == expected
+    else:
+        assert sorted(map(repr, got)) == sorted(map(repr, expected))
 
 
 def test_execute_is_lazy_over_an_infinite_input(dispatcher: papyros.TaskDispatcher) -> None:
