@@ -184,6 +184,9 @@ class Scheduler:
         self._ring: deque[_Queue] = deque()
         self._pending_tasks = 0
         self._inflight: dict[int, _Unit] = {}
+        # Tasks of the units in flight: in all, and of each worker.
+        self._inflight_tasks = 0
+        self._held_tasks: dict[Hashable, int] = {}
         self._held: dict[Hashable, set[int]] = {}
         # Queues abandoned by garbage collection, closed at the next locked call.
         # Finalizers only append here: they may run while this thread holds the lock.
@@ -333,9 +336,13 @@ class Scheduler:
     ) -> list[Assignment]:
         """Hand up to ``max_units`` pending units to ``worker``, waiting for one until ``deadline``.
 
-        With ``share`` workers sharing the work, a worker takes no more than
-        its fair share (a ``1/share`` part) of the tasks pending, and at least
-        one unit: large batches while there is plenty, single units at the end.
+        With ``share`` workers sharing the work, a worker holds no more than
+        its fair share (a ``1/share`` part) of the tasks pending or in flight:
+        one that already holds that many gets nothing, and one that holds
+        nothing gets at least one unit. So a worker that asks often (one that
+        proved fast on earlier, shorter units) cannot take what the others
+        are there for: large batches while there is plenty, single units at
+        the end.
         Nor does it take more than ``max_bytes`` (0: no bound) of payloads
         that are bytes, beyond its first unit.
 
@@ -356,11 +363,16 @@ class Scheduler:
             taken: list[Assignment] = []
             ring = self._ring
             taken_tasks = taken_bytes = 0
-            fair_share = self._pending_tasks / share
-            if any(self._inflight[unit_id].suspect for unit_id in held):
-                ring = deque()  # A suspect runs alone: nothing more until it is done.
+            holding = self._held_tasks.get(worker, 0)
+            fair_share = (self._pending_tasks + self._inflight_tasks) / share
+            if held and (
+                holding >= fair_share or any(self._inflight[unit_id].suspect for unit_id in held)
+            ):
+                # Its share is taken (the rest is for other workers), or it runs a
+                # suspect, which runs alone: nothing more until it holds less.
+                ring = deque()
             while ring and len(taken) < max_units:
-                if taken and taken_tasks >= fair_share:
+                if taken and holding + taken_tasks >= fair_share:
                     break
                 if ring[0].pending[0].suspect and (taken or held):
                     break  # A suspect goes alone, to a worker that holds nothing.
@@ -378,6 +390,7 @@ class Scheduler:
                 self._inflight[unit.id] = unit
                 held.add(unit.id)
                 taken_tasks += unit.ntasks
+                self._inflight_tasks += unit.ntasks
                 taken.append(Assignment(unit.id, unit.attempt, unit.payload, unit.ntasks))
                 if queue.pending and queue.has_room_for(queue.pending[0]):
                     ring.append(queue)
@@ -385,6 +398,8 @@ class Scheduler:
                     queue.in_ring = False
                 if unit.suspect:
                     break
+            if taken:
+                self._held_tasks[worker] = holding + taken_tasks
             if self._ring:
                 # Wake another idle worker for the work left over.
                 self._work_ready.notify()
@@ -454,6 +469,7 @@ class Scheduler:
         """
         with self._lock:
             held = self._held.pop(worker, set())
+            self._held_tasks.pop(worker, None)
             units = sorted(
                 (self._inflight[unit_id] for unit_id in held if unit_id in self._inflight),
                 key=lambda unit: unit.assigned,
@@ -531,7 +547,9 @@ class Scheduler:
             self._queues.clear()
             self._ring.clear()
             self._inflight.clear()
+            self._inflight_tasks = 0
             self._held.clear()
+            self._held_tasks.clear()
             self._pending_tasks = 0
             self._work_ready.notify_all()
             self._room_ready.notify_all()
@@ -588,9 +606,11 @@ class Scheduler:
     def _release(self, unit: _Unit) -> None:
         """Take a unit out of the in-flight table and give back its queue's room."""
         del self._inflight[unit.id]
+        self._inflight_tasks -= unit.ntasks
         held = self._held.get(unit.worker)
         if held is not None:
             held.discard(unit.id)
+            self._held_tasks[unit.worker] -= unit.ntasks
         unit.worker = None
         unit.queue.busy_tasks -= unit.ntasks
 

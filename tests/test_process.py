@@ -233,6 +233,18 @@ def test_workers_of_long_tasks_hold_one_at_a_time(make: Factory) -> None:
     assert ran_on[0] != ran_on[1]
 
 
+def test_long_tasks_after_short_ones_are_shared_between_the_workers(make: Factory) -> None:
+    dispatcher = make(2)
+    wait_for_workers(2)
+    # Thousands of no-op tasks: each worker learns to hold up to hundreds of units ahead.
+    assert sum(dispatcher.execute(identity(i) for i in range(5000))) == sum(range(5000))
+    # Then 40 long ones, all pending at once: a worker that asks more often than the
+    # other must not take them all.
+    ran_on = Counter(dispatcher.execute(worker_pid(0.05) for _ in range(40)))
+    assert len(ran_on) == 2
+    assert min(ran_on.values()) >= 15, ran_on
+
+
 def test_a_unit_the_worker_cannot_unpickle_fails_its_tasks_not_the_worker(
     make: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -201,13 +201,31 @@ def test_close_queue_soon_takes_effect_at_the_next_call() -> None:
     assert core.num_queues() == 0
 
 
-def test_assign_takes_a_fair_share_of_the_pending_work() -> None:
+def test_assign_keeps_each_worker_to_its_fair_share_however_often_it_asks() -> None:
     core = Scheduler()
     queue = core.open_queue()
     core.submit(queue, [(i, 1) for i in range(100)])
     batch = core.assign("w", max_units=64, deadline=NOW, share=2)
-    assert 25 <= len(batch) <= 50
-    assert len(core.assign("w", max_units=8, deadline=NOW, share=2)) == 8
+    assert len(batch) == 50
+    # "w" holds half of the work: the rest is for the other worker.
+    assert core.assign("w", max_units=8, deadline=NOW, share=2) == []
+    assert len(core.assign("v", max_units=64, deadline=NOW, share=2)) == 50
+    # Once it has finished some, its share of what is pending or in flight is open to it.
+    for assignment in batch[:10]:
+        assert core.complete("w", assignment.unit_id, assignment.attempt, b"")
+    core.submit(queue, [(i, 1) for i in range(20)])
+    assert len(core.assign("w", max_units=64, deadline=NOW, share=2)) == 15
+    assert len(core.assign("v", max_units=64, deadline=NOW, share=2)) == 5
+    core.close()
+
+
+def test_a_worker_that_holds_nothing_gets_a_unit_bigger_than_its_share() -> None:
+    core = Scheduler()
+    queue = core.open_queue()
+    core.submit(queue, [(0, 100), (1, 100)])
+    assert len(core.assign("w", max_units=64, deadline=NOW, share=4)) == 1  # Its share is 50.
+    assert core.assign("w", max_units=64, deadline=NOW, share=4) == []
+    assert len(core.assign("v", max_units=64, deadline=NOW, share=4)) == 1
     core.close()
 
 
@@ -319,9 +337,19 @@ class ExactlyOnce(RuleBasedStateMachine):
         for unit_id in self.core.submit(queue, [(queue, ntasks)] * count, NOW):
             self.owner[unit_id] = queue
 
-    @rule(worker=st.sampled_from(["a", "b", "c"]), max_units=st.integers(1, 3))
-    def assign(self, worker: str, max_units: int) -> None:
-        for assignment in self.core.assign(worker, max_units, NOW):
+    @rule(
+        worker=st.sampled_from(["a", "b", "c"]),
+        max_units=st.integers(1, 3),
+        share=st.integers(1, 3),
+    )
+    def assign(self, worker: str, max_units: int, share: int) -> None:
+        holds_nothing = not self.held.get(worker)
+        assignable = self.core.num_tasks() > 0
+        assignments = self.core.assign(worker, max_units, NOW, share=share)
+        if holds_nothing and assignable:
+            # Units pending may all be held back by full queues, but then none is assignable.
+            assert assignments or not self.core._ring
+        for assignment in assignments:
             assert assignment.payload == self.owner[assignment.unit_id]
             self.held.setdefault(worker, []).append((assignment.unit_id, assignment.attempt))
 
@@ -359,6 +387,15 @@ class ExactlyOnce(RuleBasedStateMachine):
     @invariant()
     def nothing_fetched_twice(self) -> None:
         assert all(count == 1 for count in self.fetched.values())
+
+    @invariant()
+    def tasks_in_flight_are_counted_right(self) -> None:
+        core = self.core
+        inflight = list(core._inflight.values())
+        assert core._inflight_tasks == sum(unit.ntasks for unit in inflight)
+        for worker, held in core._held.items():
+            held_tasks = sum(core._inflight[unit_id].ntasks for unit_id in held)
+            assert core._held_tasks.get(worker, 0) == held_tasks
 
     def teardown(self) -> None:
         # Drain: run everything still pending or held, then every open queue

@@ -501,9 +501,10 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                 timer = worker.timer
                 if timer is not None and any(entry[0] == timer.unit_id for entry in done):
                     worker.timer = None
-                if not worker.inflight and self._scheduler.num_tasks():
-                    # A worker that holds nothing may take a unit that runs alone (a
-                    # suspect, see Scheduler.worker_lost): its feeder must look again.
+                if self._scheduler.num_tasks():
+                    # Its feeder must look again: a worker that holds less may take
+                    # more of what is pending (see Scheduler.assign), and one that
+                    # holds nothing a unit that runs alone (see Scheduler.worker_lost).
                     self._work_seq += 1
                 worker.wakeup.notify()
             if notice is not None:
