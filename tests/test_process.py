@@ -245,6 +245,19 @@ def test_long_tasks_after_short_ones_are_shared_between_the_workers(make: Factor
     assert min(ran_on.values()) >= 15, ran_on
 
 
+def test_a_worker_hands_back_units_that_turn_out_long(make: Factory) -> None:
+    dispatcher = make(2)
+    wait_for_workers(2)
+    assert sum(dispatcher.execute(identity(i) for i in range(5000))) == sum(range(5000))
+    # One worker takes the 50 long tasks in one batch, sized for no-op ones, and the
+    # other the short ones: the first must hand back what it cannot start soon.
+    tasks = [worker_pid(0.04) for _ in range(50)] + [worker_pid() for _ in range(50)]
+    ran_on = list(dispatcher.execute(tasks, ordered=True))
+    long_ones = Counter(ran_on[:50])
+    assert len(long_ones) == 2
+    assert min(long_ones.values()) >= 15, long_ones
+
+
 def test_a_unit_the_worker_cannot_unpickle_fails_its_tasks_not_the_worker(
     make: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

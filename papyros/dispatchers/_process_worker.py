@@ -4,7 +4,8 @@
 starts it by name (so it stays a module-level function). It runs the worker
 loop (:func:`papyros.worker.work`) over the worker's two pipes, framed by
 :mod:`papyros.dispatchers._pipes`: batches of units in, batches of outcomes
-out. The dispatcher side, which feeds those pipes and reads them, is
+out, with the units of a batch that turned out slow and were not started
+handed back. The dispatcher side, which feeds those pipes and reads them, is
 :mod:`papyros.dispatchers.process`.
 """
 
@@ -25,6 +26,13 @@ __all__ = ["worker_main"]
 
 # A worker sends its finished outcomes at least this often while it keeps running units.
 _FLUSH_SECONDS = 0.002
+
+# A batch sized from earlier, shorter units can hold far more work than the parent
+# wants a worker to hold (about _KEEP_SECONDS). Once a batch has run this long, the
+# worker keeps about _KEEP_SECONDS of what is left, at the pace it has seen, and hands
+# the rest back for idle workers, if that is more than as much again.
+_HAND_BACK_AFTER = 0.02
+_KEEP_SECONDS = 0.005
 
 
 class _Timed(Task):
@@ -76,7 +84,7 @@ class _PipeWorkSource(WorkSource):
         self._done: list[tuple[int, int]] = []
         self._outcomes: list[bytes] = []
         self._busy = 0.0  # Seconds spent running the units in _done.
-        self._mark = time.monotonic()
+        self._mark = self._batch_started = time.monotonic()
         self._last_flush = self._mark
         self._timer_on = False  # Whether the parent is timing a task of ours.
 
@@ -95,7 +103,7 @@ class _PipeWorkSource(WorkSource):
             for (unit_id, attempt, ntasks), payload in zip(units, payloads, strict=True)
         ]
         self._index = 0
-        self._mark = time.monotonic()
+        self._mark = self._batch_started = time.monotonic()
         return self._batch
 
     def finish(self, assignment: Assignment, outcome: Any) -> None:
@@ -105,6 +113,16 @@ class _PipeWorkSource(WorkSource):
         self._index += 1
         self._done.append((assignment.unit_id, assignment.attempt))
         self._outcomes.append(outcome)
+        left = len(self._batch) - self._index
+        elapsed = now - self._batch_started
+        if left > 2 and elapsed > _HAND_BACK_AFTER:
+            keep = max(1, int(_KEEP_SECONDS * self._index / elapsed))
+            if left > 2 * keep:
+                start = self._index + keep
+                returned = [each.unit_id for each in self._batch[start:]]
+                del self._batch[start:]  # work() iterates over this very list: it ends early.
+                self._send(None, returned)
+                return
         if now - self._last_flush >= _FLUSH_SECONDS:
             self._send(None)
 
@@ -121,7 +139,11 @@ class _PipeWorkSource(WorkSource):
         what = repr(task) if limit is not None else ""
         self._send((current.unit_id, current.attempt, current.ntasks, limit, what))
 
-    def _send(self, notice: tuple[int, int, int, float | None, str] | None) -> None:
+    def _send(
+        self,
+        notice: tuple[int, int, int, float | None, str] | None,
+        returned: list[int] | None = None,
+    ) -> None:
         now = time.monotonic()
         self._busy += now - self._mark
         self._mark = now
@@ -129,7 +151,7 @@ class _PipeWorkSource(WorkSource):
         self._done, self._outcomes = [], []
         busy, self._busy = self._busy, 0.0
         self._last_flush = now
-        send_framed(self._results, (done, notice, busy), outcomes)
+        send_framed(self._results, (done, notice, busy, returned or []), outcomes)
 
 
 def worker_main(tasks: Connection, results: Connection) -> None:

@@ -30,7 +30,10 @@ opaque payloads (see :mod:`papyros.serialization`). Workers pull: a feeder
 sends its worker more units only while the worker holds fewer than its
 prefetch, sized from the worker's measured speed to about
 ``_PREFETCH_SECONDS`` of work, so the pipe of a worker running short units is
-never empty and a worker running long ones holds only one. Many
+never empty and a worker running long ones holds only one. No worker holds
+more than its share of the work (see ``Scheduler.assign``), and one whose
+batch turns out slower than the units it was sized from hands back the units
+it has not started (see ``_process_worker``). Many
 units travel per pipe write and many outcomes per read, so there is no
 per-task round trip.
 
@@ -478,7 +481,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
     def _receive(self, worker: _Worker) -> None:
         """Take one message of outcomes from a worker."""
         try:
-            (done, notice, busy), outcomes = recv_framed(worker.results)
+            (done, notice, busy, returned), outcomes = recv_framed(worker.results)
         except (EOFError, OSError):
             worker.eof_at = time.monotonic()  # It is exiting; its sentinel will tell.
             return
@@ -486,8 +489,17 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
         pid = worker.pid
         for (unit_id, attempt), outcome in zip(done, outcomes, strict=True):
             complete(pid, unit_id, attempt, outcome)
+        if returned:
+            # Units it had not started, handed back: other workers may take them.
+            self._scheduler.give_back(pid, returned)
         with self._lock:
             worker.ready = True
+            worker.inflight -= len(returned)
+            if returned:
+                self._work_seq += 1
+                for other in self._workers.values():
+                    if other is not worker and _has_room(other):
+                        other.wakeup.notify()
             if done:
                 worker.inflight -= len(done)
                 per_unit = busy / len(done)
