@@ -338,7 +338,8 @@ class Scheduler:
 
         With ``share`` workers sharing the work, a worker holds no more than
         its fair share (a ``1/share`` part) of the tasks pending or in flight:
-        one that already holds that many gets nothing, and one that holds
+        one that already holds that many gets nothing (at once, whatever the
+        deadline: it is to ask again when it holds less), and one that holds
         nothing gets at least one unit. So a worker that asks often (one that
         proved fast on earlier, shorter units) cannot take what the others
         are there for: large batches while there is plenty, single units at
@@ -347,7 +348,8 @@ class Scheduler:
         that are bytes, beyond its first unit.
 
         Returns:
-            The assignments; ``[]`` if the deadline passed with nothing to assign.
+            The assignments; ``[]`` if the deadline passed with nothing to assign,
+            or if the worker holds its share already.
 
         Raises:
             ClosedTaskDispatcherError: the scheduler is closed; the worker should stop.
