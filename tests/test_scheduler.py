@@ -343,7 +343,7 @@ class ExactlyOnce(RuleBasedStateMachine):
         share=st.integers(1, 3),
     )
     def assign(self, worker: str, max_units: int, share: int) -> None:
-        holds_nothing = not self.held.get(worker)
+        holds_nothing = not self.core.held_by(worker)
         assignable = self.core.num_tasks() > 0
         assignments = self.core.assign(worker, max_units, NOW, share=share)
         if holds_nothing and assignable:
