@@ -34,7 +34,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from itertools import chain, islice, repeat
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from papyros._lifecycle import Closing
@@ -46,9 +45,6 @@ if TYPE_CHECKING:
     from papyros.dispatcher import TaskQueue
 
 __all__ = ["ResultIterator"]
-
-_args = attrgetter("args")
-_kwargs = attrgetter("kwargs")
 
 # A chunk bigger than this is pulled this many tasks at a time (see the module's docstring).
 _SLICE = 128
@@ -222,21 +218,12 @@ class ResultIterator(Closing, Iterator[Any]):
             left -= len(piece)
             if not piece:
                 break
-            first = piece[0]
-            cls = type(first)
-            if (
-                isinstance(first, Task)
-                and cls._from_args
-                and (batch is None or batch.cls is cls)
-                and len(set(map(type, piece))) == 1
-            ):
+            part = TaskBatch.of(piece)
+            if part is not None and (batch is None or batch.cls is part.cls):
                 if batch is None:
-                    batch = TaskBatch(cls, [])
-                if batch.kwargs is None and any(map(_kwargs, piece)):
-                    batch.kwargs = [{}] * len(batch.args)
-                batch.args += map(_args, piece)
-                if batch.kwargs is not None:
-                    batch.kwargs += map(_kwargs, piece)
+                    batch = part
+                else:
+                    batch.extend(part)
                 continue
             if batch is not None:
                 self._add_unit(batch)

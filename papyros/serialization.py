@@ -40,7 +40,6 @@ import reprlib
 import threading
 import traceback
 import types
-from operator import attrgetter
 from typing import Any
 
 from papyros.errors import RemoteTaskError, SerializationError
@@ -65,8 +64,6 @@ _SEARCH_BYTES = 1 << 16
 _COUNT_BYTES = 4
 _HEADER_BYTES = _COUNT_BYTES + 1
 
-_args = attrgetter("args")
-_kwargs = attrgetter("kwargs")
 
 _short = reprlib.Repr()
 _short.maxstring = 80
@@ -285,11 +282,8 @@ class PickleCodec(Codec):
                 body = (ref, [task.args], [task.kwargs] if task.kwargs else None, False)
             else:
                 body = (None, tasks)
-        elif len(set(map(type, tasks))) == 1 and type(tasks[0])._from_args:
-            ref = self._class_ref(type(tasks[0]), tasks)
-            args = list(map(_args, tasks))
-            kwargs = list(map(_kwargs, tasks)) if any(map(_kwargs, tasks)) else None
-            body = (ref, args, kwargs, False)
+        elif (batch := TaskBatch.of(tasks)) is not None:
+            body = (self._class_ref(batch.cls, tasks), batch.args, batch.kwargs, False)
         else:
             body = (None, tasks)
         try:

@@ -8,6 +8,7 @@ import itertools
 import traceback
 from collections.abc import Callable, Iterator
 from itertools import repeat, starmap
+from operator import attrgetter
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from papyros.errors import UnprocessedTaskError
@@ -357,6 +358,29 @@ class TaskBatch:
         self.kwargs = kwargs
         self.single = single
 
+    @classmethod
+    def of(cls, tasks: list[Any]) -> TaskBatch | None:
+        """``tasks`` as a batch, if they are all of one class that their arguments rebuild
+        (``Task._from_args``): they then travel and run as their arguments alone. Else None.
+        """
+        if not tasks:
+            return None
+        first = type(tasks[0])
+        if not (
+            isinstance(tasks[0], Task) and first._from_args and len(set(map(type, tasks))) == 1
+        ):
+            return None
+        kwargs = list(map(_kwargs, tasks)) if any(map(_kwargs, tasks)) else None
+        return cls(first, list(map(_args, tasks)), kwargs)
+
+    def extend(self, other: TaskBatch) -> None:
+        """Append the tasks of ``other``, a batch of the same class and form."""
+        if self.kwargs is None and other.kwargs is not None:
+            self.kwargs = [{}] * len(self.args)
+        if self.kwargs is not None:
+            self.kwargs += other.kwargs or [{}] * len(other.args)
+        self.args += other.args
+
     def run(self, escaping: ExceptionTypes = BaseException) -> Results:
         """Run the tasks (see :meth:`Task._run_many`, which says what ``escaping`` is)."""
         return self.cls._run_many(self.args, self.kwargs, single=self.single, escaping=escaping)
@@ -370,6 +394,10 @@ class TaskBatch:
         if self.kwargs is None:
             return itertools.starmap(cls, args)
         return (cls(*each, **kwargs) for each, kwargs in zip(args, self.kwargs, strict=True))
+
+
+_args = attrgetter("args")
+_kwargs = attrgetter("kwargs")
 
 
 def outcomes_of(values: list[Any], errors: dict[int, BaseException]) -> list[Outcome]:
