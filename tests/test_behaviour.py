@@ -43,6 +43,18 @@ COMBINATIONS = [
 # ------------------------------------------------------------ every task, one outcome
 
 
+def _drain(results: Iterator[object], error: type[Exception]) -> list[object]:
+    """Every outcome, by ``next()``: a result, or the text of an ``error`` a task raised."""
+    seen: list[object] = []
+    while True:
+        try:
+            seen.append(next(results))
+        except error as exc:
+            seen.append(str(exc))
+        except StopIteration:
+            return seen
+
+
 @pytest.mark.parametrize(("ordered", "chunksize"), COMBINATIONS)
 def test_execute_yields_every_result_once(
     dispatcher: papyros.TaskDispatcher, ordered: bool, chunksize: int
@@ -115,14 +127,9 @@ def test_a_failing_task_does_not_break_the_iteration(
     results = dispatcher.execute(
         (fail_if_odd(i) for i in range(50)), ordered=ordered, chunksize=chunksize
     )
-    values, errors = [], []
-    while True:
-        try:
-            values.append(next(results))
-        except ValueError as exc:
-            errors.append(str(exc))
-        except StopIteration:
-            break
+    seen = _drain(results, ValueError)
+    values = [each for each in seen if isinstance(each, int)]
+    errors = [each for each in seen if isinstance(each, str)]
     assert sorted(values) == list(range(0, 50, 2))
     assert sorted(errors) == sorted(f"odd: {i}" for i in range(1, 50, 2))
     if ordered:
@@ -159,15 +166,7 @@ def test_the_iterator_that_iter_returns_goes_on_after_a_task_exception(
     it = iter(
         dispatcher.execute((fail_if_odd(i) for i in range(20)), ordered=True, chunksize=chunksize)
     )
-    seen: list[object] = []
-    while True:
-        try:
-            seen.append(next(it))
-        except ValueError as exc:
-            seen.append(str(exc))
-        except StopIteration:
-            break
-    assert seen == [i if i % 2 == 0 else f"odd: {i}" for i in range(20)]
+    assert _drain(it, ValueError) == [i if i % 2 == 0 else f"odd: {i}" for i in range(20)]
 
 
 def test_the_iterator_that_iter_returns_goes_on_after_a_timeout(
@@ -276,7 +275,7 @@ def _mixed_items() -> tuple[list[object], list[object]]:
             expected.append(i)
         elif i == 701:
             items.append(f"item {i}")
-            expected.append((TypeError, "execute() takes Task objects; got str 'item 701'"))
+            expected.append("execute() takes Task objects; got str 'item 701'")
         elif 900 <= i <= 1000:
             items.append(Scale(i, factor=3))
             expected.append(3 * i)
@@ -291,15 +290,7 @@ def test_big_chunks_of_mixed_items_give_each_its_own_outcome(
     dispatcher: papyros.TaskDispatcher, ordered: bool
 ) -> None:
     items, expected = _mixed_items()
-    results = dispatcher.execute(items, ordered=ordered, chunksize=300)
-    got: list[object] = []
-    while True:
-        try:
-            got.append(next(results))
-        except TypeError as exc:
-            got.append((TypeError, str(exc)))
-        except StopIteration:
-            break
+    got = _drain(dispatcher.execute(items, ordered=ordered, chunksize=300), TypeError)
     if ordered:
         assert got == expected
     else:
