@@ -283,7 +283,7 @@ class PickleCodec(Codec):
             else:
                 body = (None, tasks)
         elif (batch := TaskBatch.of(tasks)) is not None:
-            body = (self._class_ref(batch.cls, tasks), batch.args, batch.kwargs, False)
+            body = (self._class_ref(batch.cls, tasks), batch.args, batch.kwargs, batch.single)
         else:
             body = (None, tasks)
         try:

@@ -362,6 +362,8 @@ class TaskBatch:
     def of(cls, tasks: list[Any]) -> TaskBatch | None:
         """``tasks`` as a batch, if they are all of one class that their arguments rebuild
         (``Task._from_args``): they then travel and run as their arguments alone. Else None.
+
+        Where each task has one argument and no keyword, the batch holds them bare.
         """
         if not tasks:
             return None
@@ -370,11 +372,25 @@ class TaskBatch:
             isinstance(tasks[0], Task) and first._from_args and len(set(map(type, tasks))) == 1
         ):
             return None
-        kwargs = list(map(_kwargs, tasks)) if any(map(_kwargs, tasks)) else None
-        return cls(first, list(map(_args, tasks)), kwargs)
+        # One pass takes the arguments and checks for keywords (a comprehension reads
+        # a slot faster than attrgetter); the other forms are the rare ones.
+        args = [task.args for task in tasks if not task.kwargs]
+        if len(args) < len(tasks):
+            return cls(first, list(map(_args, tasks)), list(map(_kwargs, tasks)))
+        try:
+            return cls(first, [arg for (arg,) in args], single=True)
+        except (TypeError, ValueError):  # Some task has not exactly one argument.
+            return cls(first, args)
 
     def extend(self, other: TaskBatch) -> None:
-        """Append the tasks of ``other``, a batch of the same class and form."""
+        """Append the tasks of ``other``, a batch of the same class."""
+        if self.single != other.single:
+            # Bare arguments become 1-tuples when the forms differ.
+            if self.single:
+                self.args = list(zip(self.args))
+                self.single = False
+            else:
+                other = TaskBatch(other.cls, list(zip(other.args)), other.kwargs)
         if self.kwargs is None and other.kwargs is not None:
             self.kwargs = [{}] * len(self.args)
         if self.kwargs is not None:

@@ -257,9 +257,10 @@ def test_an_error_of_the_input_comes_after_every_result_before_it(
 def _mixed_items() -> tuple[list[object], list[object]]:
     """Items in runs that start and end inside chunks of 300, and their expected outcomes.
 
-    Each chunk of 300 mixes them differently: tasks with no keyword arguments then
-    some with; one task class then another; tasks then an item that is not a task;
-    tasks of a class with its own ``__init__`` then plain ones.
+    Each chunk of 300 mixes them differently: tasks of one argument, then some
+    with keyword arguments; tasks of two arguments, then of one (a slice of 128
+    each), then another task class; tasks then an item that is not a task; tasks
+    of a class with its own ``__init__`` then plain ones.
     """
     items: list[object] = []
     expected: list[object] = []
@@ -270,7 +271,13 @@ def _mixed_items() -> tuple[list[object], list[object]]:
         elif i < 300:
             items.append(add(i, y=1000))
             expected.append(i + 1000)
-        elif 450 <= i < 600:
+        elif 300 <= i < 428:
+            items.append(add(i, i))
+            expected.append(2 * i)
+        elif 428 <= i < 556:
+            items.append(add(i))
+            expected.append(i)
+        elif 556 <= i < 600:
             items.append(identity(i))
             expected.append(i)
         elif i == 701:
