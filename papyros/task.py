@@ -8,7 +8,7 @@ import itertools
 import traceback
 from collections.abc import Callable, Iterator
 from itertools import repeat, starmap
-from operator import attrgetter
+from operator import attrgetter, countOf
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from papyros.errors import UnprocessedTaskError
@@ -369,18 +369,21 @@ class TaskBatch:
             return None
         first = type(tasks[0])
         if not (
-            isinstance(tasks[0], Task) and first._from_args and len(set(map(type, tasks))) == 1
+            isinstance(tasks[0], Task)
+            and first._from_args
+            and countOf(map(type, tasks), first) == len(tasks)
         ):
             return None
-        # One pass takes the arguments and checks for keywords (a comprehension reads
-        # a slot faster than attrgetter); the other forms are the rare ones.
-        args = [task.args for task in tasks if not task.kwargs]
-        if len(args) < len(tasks):
-            return cls(first, list(map(_args, tasks)), list(map(_kwargs, tasks)))
+        # The common case in one pass (a comprehension reads a slot faster than
+        # attrgetter): one argument and no keyword for every task.
         try:
-            return cls(first, [arg for (arg,) in args], single=True)
-        except (TypeError, ValueError):  # Some task has not exactly one argument.
-            return cls(first, args)
+            bare = [arg for task in tasks if not task.kwargs for (arg,) in (task.args,)]
+        except (TypeError, ValueError):  # A task has not exactly one argument.
+            bare = []
+        if len(bare) == len(tasks):
+            return cls(first, bare, single=True)
+        kwargs = list(map(_kwargs, tasks)) if any(map(_kwargs, tasks)) else None
+        return cls(first, list(map(_args, tasks)), kwargs)
 
     def extend(self, other: TaskBatch) -> None:
         """Append the tasks of ``other``, a batch of the same class."""

@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 import papyros
+from papyros.task import TaskBatch
 from tests.tasks import add, annotated_failure, fail_if_odd, square
 
 
@@ -107,3 +108,37 @@ def test_a_subclass_with_its_own_execute() -> None:
     bare.execute()
     with pytest.raises(NotImplementedError):
         bare.result()
+
+
+@pytest.mark.parametrize(
+    ("tasks", "single", "args", "kwargs"),
+    [
+        pytest.param([add(1), add(2)], True, [1, 2], None, id="one-argument-bare"),
+        pytest.param([add((1, 2)), add(3)], True, [(1, 2), 3], None, id="a-tuple-argument"),
+        pytest.param([add(1, 2), add(3)], False, [(1, 2), (3,)], None, id="two-arguments"),
+        pytest.param([add(1), add()], False, [(1,), ()], None, id="no-argument"),
+        pytest.param([add(1), add(2, y=3)], False, [(1,), (2,)], [{}, {"y": 3}], id="keywords"),
+    ],
+)
+def test_a_batch_holds_the_arguments_that_rebuild_its_tasks(
+    tasks: list[papyros.Task],
+    single: bool,
+    args: list[object],
+    kwargs: list[dict[str, object]] | None,
+) -> None:
+    batch = TaskBatch.of(tasks)
+    assert batch is not None
+    assert (batch.cls, batch.single, batch.args, batch.kwargs) == (add, single, args, kwargs)
+    assert [(task.args, task.kwargs) for task in batch] == [(t.args, t.kwargs) for t in tasks]
+
+
+def test_only_tasks_of_one_class_that_their_arguments_rebuild_make_a_batch() -> None:
+    class Stateful(papyros.Task):
+        def __init__(self, value: int) -> None:
+            super().__init__(value)
+            self.value = value
+
+    assert TaskBatch.of([add(1), square(2)]) is None
+    assert TaskBatch.of([add(1), "not a task"]) is None
+    assert TaskBatch.of([Stateful(1), Stateful(2)]) is None
+    assert TaskBatch.of([]) is None
