@@ -22,6 +22,9 @@ turn, so that a change in the machine's load hits them all alike::
               server, dispatcher, workers -n 2,  processes), Parallel Python (pp.Server,
               and get_dispatcher("pyro") to it   2 local workers)
 
+The ``process`` and ``pyro`` groups also have a W2-only row, bare processes
+taking the tasks from a count in shared memory: the ceiling the machine allowed.
+
 The workloads (``--quick`` makes them about ten times smaller):
 
     W1  100,000 no-op tasks, at chunksize 1 and 1,000          tasks/s
@@ -31,7 +34,8 @@ The workloads (``--quick`` makes them about ten times smaller):
         one task on a warm pool
 
 Extension point: ``BACKENDS`` maps a backend name to its runners, papyros's
-first; a runner is a :class:`Runner` subclass and makes one row of every table.
+first; a runner is a :class:`Runner` subclass and makes one row of every table
+of the workloads it runs.
 The Pyro backend (against Dask distributed and Parallel Python) came in as one
 more entry, without touching the harness.
 
@@ -189,6 +193,11 @@ class Runner(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Shut the warm pool down, waiting for its workers."""
+
+    def warm_up(self) -> None:
+        """Untimed, after :meth:`start`: start the workers that start lazily, import the task
+        modules in them."""
+        self.w1(self.settings.sizes.warm_up_tasks, 1)
 
     @abstractmethod
     def w1(self, ntasks: int, chunksize: int) -> int:
@@ -449,6 +458,75 @@ class SerialRunner(Runner):
 
     def w4_round_trip(self) -> int:
         raise NotApplicable("no pool")
+
+
+class BareProcessesRunner(Runner):
+    """W2's ceiling: plain processes taking tasks from a count in shared memory.
+
+    No framework and no message per task: a task costs a lock and an integer
+    in shared memory, and the processes balance by themselves. The
+    efficiency it gets is what the machine allows at that moment (two busy
+    cores may each run slower than one alone, and one slower than the other),
+    so the other rows can be read against it.
+    """
+
+    label = "bare processes (ceiling)"
+    notes: ClassVar[dict[str, str]] = {
+        "W2": "bare processes (ceiling): no framework; as many plain processes as workers "
+        "(started with the same start method) take the tasks one at a time from a count in "
+        "shared memory, under a lock, run spin for each and send back one number each. Its "
+        "efficiency is what the machine allowed; papyros/peer in its row is papyros's share "
+        "of that ceiling.",
+    }
+    runs: ClassVar[frozenset[str] | None] = frozenset({"W2"})
+
+    def start(self) -> None:
+        context = multiprocessing.get_context(self.settings.start_method)
+        self._lock = context.Lock()
+        self._taken = context.RawValue("q", 0)
+        self._connections: list[Any] = []
+        self._processes: list[Any] = []
+        for _ in range(self.settings.workers):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=workloads.spin_server, args=(theirs, self._taken, self._lock), daemon=True
+            )
+            process.start()
+            theirs.close()
+            self._connections.append(ours)
+            self._processes.append(process)
+
+    def stop(self) -> None:
+        for connection in self._connections:
+            connection.send(None)
+        for process in self._processes:
+            process.join(PYRO_STOP_TIMEOUT)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for connection in self._connections:
+            connection.close()
+
+    def warm_up(self) -> None:
+        self.w2(len(self._processes), 1)
+
+    def w1(self, ntasks: int, chunksize: int) -> int:
+        raise NotApplicable("W2 only")
+
+    def w2(self, ntasks: int, loops: int) -> int:
+        self._taken.value = 0
+        for connection in self._connections:
+            connection.send((loops, ntasks))
+        return sum(connection.recv() for connection in self._connections)
+
+    def w3(self, ntasks: int, payload: bytes) -> int:
+        raise NotApplicable("W2 only")
+
+    def w4_startup(self) -> float:
+        raise NotApplicable("W2 only")
+
+    def w4_round_trip(self) -> int:
+        raise NotApplicable("W2 only")
 
 
 # ---------------------------------------------------------------------------- pyro backend
@@ -920,9 +998,16 @@ BACKENDS: dict[str, tuple[type[Runner], ...]] = {
         MultiprocessingPoolRunner,
         ProcessPoolRunner,
         LokyRunner,
+        BareProcessesRunner,
         PapyrosProcessMapRunner,
     ),
-    "pyro": (PapyrosPyroRunner, DaskDistributedRunner, ParallelPythonRunner, PapyrosPyroMapRunner),
+    "pyro": (
+        PapyrosPyroRunner,
+        DaskDistributedRunner,
+        ParallelPythonRunner,
+        BareProcessesRunner,
+        PapyrosPyroMapRunner,
+    ),
 }
 
 # ---------------------------------------------------------------------------- workloads
@@ -1271,8 +1356,7 @@ def _start(runner: Runner, settings: Settings, timeout: float, label: str) -> bo
         return False
     faulthandler.dump_traceback_later(timeout, exit=True)
     try:
-        # Untimed: starts the workers that start lazily, imports the task modules in them.
-        runner.w1(settings.sizes.warm_up_tasks, 1)
+        runner.warm_up()
     except Exception:
         _log(f"{label}: failed to warm up:\n{traceback.format_exc()}")
         runner.stop()
@@ -1439,6 +1523,8 @@ def build_table(workload: Workload, rows: Sequence[Row], settings: Settings) -> 
     headings = ["backend", "runner"]
     for metric in metrics:
         headings += [metric.heading, "papyros/peer"]
+    # A runner that does not run the workload at all (it declares which it runs) has no row.
+    rows = [row for row in rows if row.runner.runs is None or workload.name in row.runner.runs]
     papyros_rows = {row.backend: row for row in rows if row.runner.is_papyros}
     body = []
     for row in rows:

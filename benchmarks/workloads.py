@@ -14,7 +14,9 @@ papyros Task types, built from these same function objects, are in
 
 from __future__ import annotations
 
-__all__ = ["echo", "noop", "noop_chunk", "spin"]
+from typing import Any
+
+__all__ = ["echo", "noop", "noop_chunk", "spin", "spin_server"]
 
 
 def noop(x: int) -> int:
@@ -34,6 +36,23 @@ def spin(loops: int) -> int:
     for i in range(loops):
         total += i
     return total
+
+
+def spin_server(connection: Any, taken: Any, lock: Any) -> None:
+    """W2's ceiling: a bare process that, for each ``(loops, count)`` it receives on
+    ``connection``, runs ``spin(loops)`` as long as fewer than ``count`` have been taken
+    (``taken``: a count in shared memory, that all such processes take from under
+    ``lock``), and sends back the sum of its results; it stops at ``None``."""
+    while (order := connection.recv()) is not None:
+        loops, count = order
+        total = 0
+        while True:
+            with lock:
+                if taken.value >= count:
+                    break
+                taken.value += 1
+            total += spin(loops)
+        connection.send(total)
 
 
 def echo(payload: bytes) -> bytes:
