@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 import papyros
-from papyros.dispatchers._pipes import recv_framed, send_framed
+from papyros.dispatchers._pipes import ReadyWaiter, recv_framed, send_framed
 from papyros.dispatchers.process import MultiProcessTaskDispatcher
 from tests.tasks import (
     announce_then_sleep,
@@ -528,3 +528,26 @@ def test_a_message_of_more_buffers_than_one_write_takes_arrives_whole(
     with pytest.raises(EOFError):
         recv_framed(reader)
     reader.close()
+
+
+def test_the_reader_s_waiter_follows_a_changing_set_of_pipes() -> None:
+    waiter = ReadyWaiter()
+    first_reader, first_writer = multiprocessing.Pipe(duplex=False)
+    second_reader, second_writer = multiprocessing.Pipe(duplex=False)
+    try:
+        assert waiter.wait([first_reader], 0.01) == []  # Nothing to read: the timeout.
+        first_writer.send(1)
+        assert waiter.wait([first_reader], 0.01) == [first_reader]
+        first_reader.recv()
+        # A new set: the pipe added is watched, the one left out is not.
+        second_writer.send(2)
+        first_writer.send(3)
+        assert waiter.wait([second_reader], 0.01) == [second_reader]
+        second_reader.recv()
+        assert waiter.wait([second_reader], 0.01) == []
+        second_writer.close()  # Closed at the other end: ready, to read the EOF.
+        ready = waiter.wait([first_reader, second_reader], None)
+        assert sorted(map(id, ready)) == sorted(map(id, [first_reader, second_reader]))
+    finally:
+        for end in (first_reader, first_writer, second_reader, second_writer):
+            end.close()

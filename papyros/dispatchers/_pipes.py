@@ -19,17 +19,21 @@ reader and of the writer.
 from __future__ import annotations
 
 import logging
+import math
+import multiprocessing.connection
 import os
 import pickle
+import select
 import struct
 import sys
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 if sys.platform == "linux":
     from fcntl import F_SETPIPE_SZ, fcntl
 
-__all__ = ["enlarge_pipe", "pipe_bytes", "recv_framed", "send_framed"]
+__all__ = ["ReadyWaiter", "enlarge_pipe", "pipe_bytes", "recv_framed", "send_framed"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +151,36 @@ def _read_exactly(fd: int, size: int, *, at_start: bool) -> bytearray:
             raise OSError("the pipe closed in the middle of a message")
         done += count
     return data
+
+
+class ReadyWaiter:
+    """:func:`multiprocessing.connection.wait` for a set of objects that seldom changes.
+
+    ``wait`` builds a selector, registers every object and closes it again on
+    each call, which costs more than the poll itself; this keeps one poll
+    object while the objects stay the same. Where there is no ``select.poll``
+    (Windows), it is ``wait`` itself.
+    """
+
+    def __init__(self) -> None:
+        self._objects: tuple[Any, ...] = ()
+        self._by_fd: dict[int, Any] = {}
+        self._poll: Any = None
+
+    def wait(self, objects: Sequence[Any], timeout: float | None) -> list[Any]:
+        """The objects of ``objects`` that are ready (readable, or closed at the other end)."""
+        if not hasattr(select, "poll"):
+            return multiprocessing.connection.wait(objects, timeout)
+        if len(objects) != len(self._objects) or any(
+            new is not old for new, old in zip(objects, self._objects, strict=True)
+        ):
+            poll = select.poll()
+            by_fd = {}
+            for each in objects:
+                fd = each if isinstance(each, int) else each.fileno()
+                poll.register(fd, select.POLLIN)
+                by_fd[fd] = each
+            self._poll, self._by_fd, self._objects = poll, by_fd, tuple(objects)
+        # Rounded up: a wait of 0.4 ms must not become a busy poll(0).
+        milliseconds = None if timeout is None else math.ceil(timeout * 1000)
+        return [self._by_fd[fd] for fd, _events in self._poll.poll(milliseconds)]

@@ -65,7 +65,13 @@ from papyros._deadline import check_size
 from papyros.config import Config
 from papyros.dispatcher import QueueLink
 from papyros.dispatchers._local import CoreDispatcher, CoreQueueLink, resolve_workers
-from papyros.dispatchers._pipes import enlarge_pipe, pipe_bytes, recv_framed, send_framed
+from papyros.dispatchers._pipes import (
+    ReadyWaiter,
+    enlarge_pipe,
+    pipe_bytes,
+    recv_framed,
+    send_framed,
+)
 from papyros.dispatchers._process_worker import worker_main
 from papyros.errors import (
     ClosedTaskDispatcherError,
@@ -444,6 +450,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
 
     def _read(self) -> None:
         """Reader thread: take outcomes, notice dead workers, enforce time limits."""
+        waiter = ReadyWaiter()
         try:
             while True:
                 with self._lock:
@@ -464,9 +471,7 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                         if moment is not None and (wake_at is None or moment < wake_at):
                             wake_at = moment
                 timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
-                ready = multiprocessing.connection.wait(
-                    [self._wake_reader, *pipes, *sentinels], timeout
-                )
+                ready = waiter.wait([self._wake_reader, *pipes, *sentinels], timeout)
                 for item in ready:
                     if item in pipes:
                         self._receive(pipes[item])
