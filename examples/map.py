@@ -1,12 +1,11 @@
-"""The README's map example: a Task type applied to many inputs, no Task object per input."""
+"""The README's map example: a function applied to many inputs, no Task object per input."""
 
 from quickstart import factorize
 
 import papyros
 
 
-@papyros.Task.subclass()
-def power(base, exponent):
+def power(base, exponent):  # A plain function: map makes it a Task type.
     return base**exponent
 
 

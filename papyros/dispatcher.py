@@ -14,10 +14,11 @@ ordering, timeouts and bounds, lives here and in :mod:`papyros._execute`.
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from papyros._deadline import check_size, deadline_after
@@ -333,7 +334,7 @@ class TaskDispatcher(Closing, ABC):
 
     def map(
         self,
-        task_type: type[Task],
+        task_type: type[Task] | Callable[..., Any],
         *iterables: Iterable[Any],
         timeout: float | None = None,
         ordered: bool = False,
@@ -351,7 +352,9 @@ class TaskDispatcher(Closing, ABC):
 
         Args:
             task_type: a :class:`Task` subclass, such as one made by
-                ``@Task.subclass()``.
+                ``@Task.subclass()``; or any other callable, such as a plain
+                function, which runs as the Task type ``Task.subclass()`` makes
+                of it (with the default class options).
             *iterables: one iterable per positional argument of the task.
             timeout, ordered, chunksize, qsize: as for :meth:`execute`.
 
@@ -359,15 +362,11 @@ class TaskDispatcher(Closing, ABC):
             An iterator of results, as :meth:`execute` returns.
 
         Raises:
-            TypeError: ``task_type`` is not a Task subclass, or no iterable is given.
+            TypeError: ``task_type`` is not callable, or no iterable is given.
             ValueError: ``chunksize`` < 1, or a negative ``timeout`` or ``qsize``.
             ClosedTaskDispatcherError: the dispatcher is closed.
         """
-        if not (isinstance(task_type, type) and issubclass(task_type, Task)):
-            raise TypeError(
-                f"map() takes a Task type (e.g. a function decorated with "
-                f"@papyros.Task.subclass()), not {task_type!r}"
-            )
+        task_type = _task_type_of(task_type)
         if not iterables:
             raise TypeError("map() needs at least one iterable of arguments")
         _check_iteration(timeout, chunksize)
@@ -442,3 +441,24 @@ class TaskDispatcher(Closing, ABC):
     def _check_open(self) -> None:
         if self._state is _State.CLOSED:
             raise ClosedTaskDispatcherError("the dispatcher is closed")
+
+
+def _task_type_of(target: type[Task] | Callable[..., Any]) -> type[Task]:
+    """What ``map`` runs: ``target`` if it is a Task type, else the Task type of a callable."""
+    if isinstance(target, type) and issubclass(target, Task):
+        return target
+    if not callable(target):
+        raise TypeError(
+            f"map() takes a function or a Task type (e.g. a function decorated with "
+            f"@papyros.Task.subclass()), not {target!r}"
+        )
+    if isinstance(target, Hashable):
+        return _function_task_type(target)
+    return Task.subclass()(target)  # A callable that cannot be a key: a type of its own.
+
+
+@functools.lru_cache(maxsize=256)
+def _function_task_type(function: Callable[..., Any]) -> type[Task]:
+    """The Task type of a callable, kept: mapping the same function again makes no new class
+    (a worker learns each class once)."""
+    return Task.subclass()(function)

@@ -64,6 +64,11 @@ _SEARCH_BYTES = 1 << 16
 _COUNT_BYTES = 4
 _HEADER_BYTES = _COUNT_BYTES + 1
 
+# How many task classes a codec remembers (how each travels, or each rebuilt from its
+# by-value pickle) before it forgets them all: a program that maps many functions makes
+# a class for each, and they must not pile up.
+_KNOWN_CLASSES = 1024
+
 
 _short = reprlib.Repr()
 _short.maxstring = 80
@@ -312,6 +317,8 @@ class PickleCodec(Codec):
                 raise SerializationError(
                     f"cannot serialize the task class of {_short.repr(next(iter(tasks)))}: {exc}"
                 ) from exc
+        if len(self._class_refs) >= _KNOWN_CLASSES:
+            self._class_refs.clear()  # Classes made on the fly (map's) must not pile up.
         self._class_refs[cls] = ref
         return ref
 
@@ -341,6 +348,8 @@ class PickleCodec(Codec):
         if isinstance(ref, bytes):
             cls = self._classes.get(ref)
             if cls is None:
+                if len(self._classes) >= _KNOWN_CLASSES:
+                    self._classes.clear()
                 cls = self._classes[ref] = pickle.loads(ref)
         else:
             cls = ref

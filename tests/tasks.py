@@ -68,6 +68,11 @@ def add(x: int, y: int = 0) -> int:
     return x + y
 
 
+def cube(x: int) -> int:
+    """A plain function, no Task type: for ``map``."""
+    return x * x * x
+
+
 def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 import papyros
+from papyros.dispatcher import _task_type_of
 from tests.conftest import WORKERS, DispatcherFactory
 from tests.stateful_tasks import Greeting, Scale, SlottedScale
 from tests.tasks import (
     Scaled,
     add,
     annotated_failure,
+    cube,
     fail_if_odd,
     identity,
     interrupt,
@@ -405,11 +407,26 @@ def test_map_is_lazy_over_an_infinite_input(dispatcher: papyros.TaskDispatcher) 
     assert dispatcher.num_queues() == 0
 
 
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_runs_plain_functions(dispatcher: papyros.TaskDispatcher, chunksize: int) -> None:
+    results = dispatcher.map(cube, [2, "x", 3], ordered=True, chunksize=chunksize)
+    assert next(results) == 8
+    with pytest.raises(TypeError):
+        next(results)  # "x" * "x": the function's exception, in its place.
+    assert list(results) == [27]
+    offset = 10  # A closure and a builtin travel too (by value, by reference).
+    assert list(dispatcher.map(lambda x: x + offset, [1, 2], ordered=True)) == [11, 12]
+    assert list(dispatcher.map(divmod, [7, 9], [2, 4], ordered=True)) == [(3, 1), (2, 1)]
+    # Mapping a function again reuses its Task type: workers learn it once.
+    assert _task_type_of(cube) is _task_type_of(cube)
+    assert issubclass(_task_type_of(cube), papyros.Task)
+
+
 def test_map_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> None:
-    with pytest.raises(TypeError, match="Task type"):
-        dispatcher.map(lambda x: x, [1])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="Task type"):
+    with pytest.raises(TypeError, match="function or a Task type"):
         dispatcher.map(square(1), [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="function or a Task type"):
+        dispatcher.map(42, [1])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="at least one iterable"):
         dispatcher.map(square)
     with pytest.raises(ValueError, match="chunksize"):
