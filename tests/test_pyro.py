@@ -180,6 +180,26 @@ def test_a_poison_task_ends_as_worker_lost(pyro_cluster: Cluster, tmp_path: Path
         assert len(pids_in(attempts)) in (2, 3)
 
 
+def test_workers_dying_at_once_delay_only_their_own_slot(pyro_cluster: Cluster) -> None:
+    # No dispatcher: the workers wait for it, alive, and are killed as soon as they exist.
+    manager = pyro_cluster.start_workers("fragile", 2)
+
+    def workers() -> list[psutil.Process]:
+        children = psutil.Process(manager.pid).children()
+        return [child for child in children if "spawn_main" in " ".join(child.cmdline())]
+
+    wait_until(lambda: len(workers()) == 2, what="two workers")
+    first = workers()
+    for worker in first:
+        worker.kill()
+    log = next(pyro_cluster.log_dir.glob("workers-*.log"))
+    wait_until(lambda: log.read_text().count("exited") == 2, what="both deaths logged")
+    # Each slot's first quick death: each waits 0.5 s, not 0.5 s then 1 s as if one slot.
+    assert log.read_text().count("replacing it in 0.5 s") == 2
+    wait_until(lambda: len(workers()) == 2, what="both slots filled again")
+    assert {worker.pid for worker in workers()}.isdisjoint(worker.pid for worker in first)
+
+
 # ------------------------------------------------------------ authentication
 
 

@@ -196,16 +196,19 @@ def run_workers(args: argparse.Namespace) -> int:
     voucher = threading.Thread(
         target=vouch_for, args=(options, vouched, vouch_stop), name="papyros-voucher", daemon=True
     )
-    quick_deaths = 0
-    respawn_at = 0.0
+    # Per slot: how many of its workers in a row died soon after starting, and when it
+    # may be filled again. A slot whose workers keep dying waits longer each time; the
+    # others are filled at once.
+    quick_deaths: dict[int, int] = {}
+    respawn_at: dict[int, float] = {}
     print(f"papyros: starting {count} workers for group {args.group!r}", flush=True)
     _stop_on_sigterm()
     voucher.start()
     try:
         while True:
             now = time.monotonic()
-            if len(workers) < count and now >= respawn_at:
-                for slot in set(range(count)) - set(workers):
+            for slot in range(count):
+                if slot not in workers and respawn_at.get(slot, 0.0) <= now:
                     reader, writer = context.Pipe(duplex=False)
                     process: multiprocessing.process.BaseProcess = context.Process(
                         target=worker_main, args=(options, writer), name=f"papyros-worker-{slot}"
@@ -214,7 +217,8 @@ def run_workers(args: argparse.Namespace) -> int:
                     writer.close()
                     reports[reader] = process
                     workers[slot] = (process, time.monotonic())
-            timeout = None if len(workers) == count else max(0.0, respawn_at - now)
+            waiting = [respawn_at[slot] for slot in range(count) if slot not in workers]
+            timeout = max(0.0, min(waiting) - now) if waiting else None
             sentinels = {process.sentinel: slot for slot, (process, _) in workers.items()}
             for ready in multiprocessing.connection.wait([*sentinels, *reports], timeout):
                 if isinstance(ready, multiprocessing.connection.Connection):
@@ -233,12 +237,13 @@ def run_workers(args: argparse.Namespace) -> int:
                 process.join()
                 vouched.pop(process.pid or 0, None)
                 lived = time.monotonic() - started
-                quick_deaths = quick_deaths + 1 if lived < _QUICK_DEATH else 0
-                delay = min(_MAX_RESPAWN_DELAY, 0.5 * 2 ** max(0, quick_deaths - 1))
-                respawn_at = time.monotonic() + (delay if quick_deaths else 0.0)
+                deaths = quick_deaths.get(slot, 0) + 1 if lived < _QUICK_DEATH else 0
+                quick_deaths[slot] = deaths
+                delay = min(_MAX_RESPAWN_DELAY, 0.5 * 2 ** (deaths - 1)) if deaths else 0.0
+                respawn_at[slot] = time.monotonic() + delay
                 print(
                     f"papyros: worker {process.pid} exited with code {process.exitcode}; "
-                    f"replacing it{f' in {delay:.1f} s' if quick_deaths else ''}",
+                    f"replacing it{f' in {delay:.1f} s' if deaths else ''}",
                     file=sys.stderr,
                     flush=True,
                 )
