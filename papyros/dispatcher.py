@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
@@ -452,13 +453,24 @@ def _task_type_of(target: type[Task] | Callable[..., Any]) -> type[Task]:
             f"map() takes a function or a Task type (e.g. a function decorated with "
             f"@papyros.Task.subclass()), not {target!r}"
         )
-    if isinstance(target, Hashable):
-        return _function_task_type(target)
-    return Task.subclass()(target)  # A callable that cannot be a key: a type of its own.
+    if isinstance(target, Hashable) and _found_by_name(target):
+        return _named_task_type(target)
+    # A lambda, a closure, a bound method...: a type of its own each time, so that no
+    # cache keeps it alive, with whatever it holds.
+    return Task.subclass()(target)
+
+
+def _found_by_name(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` is what its module and qualified name lead to: it lives as long
+    as its module does (a module-level function, a builtin)."""
+    found: Any = sys.modules.get(getattr(function, "__module__", None) or "")
+    for name in str(getattr(function, "__qualname__", "")).split("."):
+        found = getattr(found, name, None)
+    return found is function
 
 
 @functools.lru_cache(maxsize=256)
-def _function_task_type(function: Callable[..., Any]) -> type[Task]:
-    """The Task type of a callable, kept: mapping the same function again makes no new class
+def _named_task_type(function: Callable[..., Any]) -> type[Task]:
+    """The Task type of a function found by name, kept: mapping it again makes no new class
     (a worker learns each class once)."""
     return Task.subclass()(function)

@@ -6,7 +6,8 @@ import gc
 import itertools
 import os
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -417,9 +418,25 @@ def test_map_runs_plain_functions(dispatcher: papyros.TaskDispatcher, chunksize:
     offset = 10  # A closure and a builtin travel too (by value, by reference).
     assert list(dispatcher.map(lambda x: x + offset, [1, 2], ordered=True)) == [11, 12]
     assert list(dispatcher.map(divmod, [7, 9], [2, 4], ordered=True)) == [(3, 1), (2, 1)]
-    # Mapping a function again reuses its Task type: workers learn it once.
+    # Mapping a module-level function again reuses its Task type: workers learn it once.
     assert _task_type_of(cube) is _task_type_of(cube)
+    assert _task_type_of(divmod) is _task_type_of(divmod)
     assert issubclass(_task_type_of(cube), papyros.Task)
+
+
+def test_map_keeps_no_closure_alive() -> None:
+    class Data:
+        pass
+
+    def closure_over_data() -> tuple[Callable[[int], Data], weakref.ref[Data]]:
+        data = Data()
+        return (lambda x: data), weakref.ref(data)
+
+    uses_data, alive = closure_over_data()
+    assert _task_type_of(uses_data) is not _task_type_of(uses_data)  # Made anew each time.
+    del uses_data
+    gc.collect()
+    assert alive() is None
 
 
 def test_map_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> None:
