@@ -500,7 +500,7 @@ class BareProcessesRunner(Runner):
         for connection in self._connections:
             connection.send(None)
         for process in self._processes:
-            process.join(PYRO_STOP_TIMEOUT)
+            process.join(10.0)  # It stops as soon as it reads None; a stuck one is killed.
             if process.is_alive():
                 process.kill()
                 process.join()
