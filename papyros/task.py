@@ -387,18 +387,18 @@ class TaskBatch:
 
     def extend(self, other: TaskBatch) -> None:
         """Append the tasks of ``other``, a batch of the same class."""
+        args = other.args
         if self.single != other.single:
             # Bare arguments become 1-tuples when the forms differ.
             if self.single:
-                self.args = list(zip(self.args))
-                self.single = False
+                self.args, self.single = list(zip(self.args)), False
             else:
-                other = TaskBatch(other.cls, list(zip(other.args)), other.kwargs)
+                args = list(zip(args))
         if self.kwargs is None and other.kwargs is not None:
             self.kwargs = [{}] * len(self.args)
         if self.kwargs is not None:
-            self.kwargs += other.kwargs or [{}] * len(other.args)
-        self.args += other.args
+            self.kwargs += other.kwargs or [{}] * len(args)
+        self.args += args
 
     def run(self, escaping: ExceptionTypes = BaseException) -> Results:
         """Run the tasks (see :meth:`Task._run_many`, which says what ``escaping`` is)."""
