@@ -40,13 +40,17 @@ import reprlib
 import threading
 import traceback
 import types
-from typing import Any
+from typing import Any, TypeAlias
 
 from papyros.errors import RemoteTaskError, SerializationError
 from papyros.task import ExceptionTypes, Outcome, Results, Task, TaskBatch, Unit
 from papyros.worker import Codec
 
-__all__ = ["PickleCodec"]
+__all__ = ["Payload", "PickleCodec"]
+
+#: What the codec makes of a unit or of its outcomes: one buffer, or a tuple of pieces
+#: (see :func:`_dumps_in_pieces`) that travel back to back.
+Payload: TypeAlias = "bytes | tuple[bytes, ...]"
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -220,7 +224,7 @@ class _Pieces:
 _picklers = threading.local()
 
 
-def _dumps_in_pieces(value: object) -> bytes | tuple[bytes, ...]:
+def _dumps_in_pieces(value: object) -> Payload:
     """Like :func:`_dumps`, but a large pickle comes as a tuple of pieces holding the large
     ``bytes`` objects of ``value`` themselves: a 1 MB argument or result is not copied."""
     # Taken out while in use, so that a pickle made while this one is (by some
@@ -252,14 +256,77 @@ def _dumps_in_pieces(value: object) -> bytes | tuple[bytes, ...]:
     return tuple(piece if type(piece) is bytes else bytes(piece) for piece in pieces)
 
 
+class _PiecesReader:
+    """A file to unpickle a pickle in pieces from (see :func:`_dumps_in_pieces`), unjoined.
+
+    The unpickler reads a large ``bytes`` object of the pickle with ``readinto``,
+    straight into the object it makes: the pieces are never joined into one
+    buffer first, which would copy them all once more.
+    """
+
+    __slots__ = ("_index", "_offset", "_pieces")
+
+    def __init__(self, pieces: tuple[bytes, ...]) -> None:
+        self._pieces = pieces
+        self._index = 0  # The piece being read,
+        self._offset = 0  # and where in it.
+
+    def readinto(self, buffer: Any) -> int:
+        pieces = self._pieces
+        with memoryview(buffer) as view:
+            filled = 0
+            while filled < len(view) and self._index < len(pieces):
+                piece = pieces[self._index]
+                count = min(len(piece) - self._offset, len(view) - filled)
+                with memoryview(piece) as source:
+                    view[filled : filled + count] = source[self._offset : self._offset + count]
+                filled += count
+                self._offset += count
+                if self._offset == len(piece):
+                    self._index += 1
+                    self._offset = 0
+        return filled
+
+    def read(self, size: int = -1) -> bytes:
+        if self._index < len(self._pieces):
+            piece = self._pieces[self._index]
+            start = self._offset
+            if 0 <= size <= len(piece) - start:  # The common case: within one piece.
+                self._offset += size
+                if self._offset == len(piece):
+                    self._index += 1
+                    self._offset = 0
+                return piece if start == 0 and size == len(piece) else piece[start : start + size]
+        if size < 0:
+            size = sum(map(len, self._pieces[self._index :])) - self._offset
+        buffer = bytearray(size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def readline(self) -> bytes:
+        line = bytearray()
+        while self._index < len(self._pieces) and not line.endswith(b"\n"):
+            piece = self._pieces[self._index]
+            end = piece.find(b"\n", self._offset)
+            line += self.read((len(piece) if end < 0 else end + 1) - self._offset)
+        return bytes(line)
+
+
+def _loads(payload: Payload) -> Any:
+    """Unpickle a payload: one buffer, or a tuple of pieces that travelled unjoined."""
+    if isinstance(payload, tuple):
+        return pickle.Unpickler(_PiecesReader(payload)).load()
+    return pickle.loads(payload)
+
+
 class PickleCodec(Codec):
     """Pickles each unit once in the client and its outcomes once in the worker.
 
     Args:
-        pieces: payloads over 64 KB may be tuples of ``bytes`` that travel back
-            to back (see :func:`_dumps_in_pieces`), for a transport that sends
-            such tuples as they are and delivers them as one buffer (the process
-            backend's pipes). Otherwise every payload is ``bytes``.
+        pieces: payloads over 64 KB may be tuples of ``bytes`` (see
+            :func:`_dumps_in_pieces`), for a transport that sends such tuples
+            as they are: back to back, delivered as one buffer (the process
+            backend's pipes), or as tuples (Pyro5's marshal), which this codec
+            decodes without joining them. Otherwise every payload is ``bytes``.
     """
 
     def __init__(self, *, pieces: bool = False) -> None:
@@ -271,7 +338,7 @@ class PickleCodec(Codec):
 
     # ---------------------------------------------------------------- client side
 
-    def encode_unit(self, tasks: Unit) -> bytes | tuple[bytes, ...]:
+    def encode_unit(self, tasks: Unit) -> Payload:
         # The body: (class or its by-value pickle, arguments, keyword arguments or
         # None, whether each task's arguments are its only one, bare) for a batch
         # (from map(), which means cls(*args)) or for tasks of one class that their
@@ -322,25 +389,32 @@ class PickleCodec(Codec):
         self._class_refs[cls] = ref
         return ref
 
-    def decode_results(self, payload: bytes) -> Results:
+    def decode_results(self, payload: Payload) -> Results:
+        header: bytes | memoryview
+        if isinstance(payload, tuple):  # (header, *pieces): see encode_results.
+            header = payload[0]
+            body_data: Any = payload[1:]
+        else:
+            header = memoryview(payload)[:_HEADER_BYTES]
+            body_data = memoryview(payload)[_HEADER_BYTES:]
         try:
-            body = pickle.loads(memoryview(payload)[_HEADER_BYTES:])
+            body = _loads(body_data)
         except Exception as exc:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            ntasks = int.from_bytes(payload[:_COUNT_BYTES], "little")
+            ntasks = int.from_bytes(header[:_COUNT_BYTES], "little")
             message = f"the outcome of this task could not be unpickled in the client: {exc}"
             return [None] * ntasks, {
                 index: RemoteTaskError(type(exc).__name__, message, text) for index in range(ntasks)
             }
-        if not payload[_COUNT_BYTES]:
+        if not header[_COUNT_BYTES]:
             return body, {}
         values, failures = body
         return values, {index: failure.rebuild() for index, failure in failures.items()}
 
     # ---------------------------------------------------------------- worker side
 
-    def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
-        body = pickle.loads(payload)
+    def decode_unit(self, payload: Payload) -> list[Task] | TaskBatch:
+        body = _loads(payload)
         ref = body[0]
         if ref is None:
             tasks: list[Task] = body[1]
@@ -363,9 +437,7 @@ class PickleCodec(Codec):
         failure.__cause__ = error
         return [_Unreadable(failure) for _ in range(ntasks)]
 
-    def encode_results(
-        self, values: list[Any], errors: dict[int, BaseException]
-    ) -> bytes | tuple[bytes, ...]:
+    def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> Payload:
         failures = {index: _Failure.of(exc) for index, exc in errors.items()}
         header = len(values).to_bytes(_COUNT_BYTES, "little") + (b"\x01" if failures else b"\x00")
         try:

@@ -1,4 +1,4 @@
-"""The pickling helpers of papyros.serialization that the process backend sends units with."""
+"""The pickling helpers of papyros.serialization: pickles in pieces, and reading them unjoined."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from papyros.serialization import _dumps_in_pieces
+from papyros import RemoteTaskError
+from papyros.serialization import PickleCodec, _dumps_in_pieces, _PiecesReader
+from papyros.serialization import _loads as loads_pieces
+from tests.tasks import identity
 
 
 def _loads(data: bytes | tuple[bytes, ...]) -> Any:
@@ -92,3 +95,68 @@ def test_threads_each_pickle_their_own_values() -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ("head", bytes(range(256)) * 4096, "tail"),
+        [b"a" * 70_000, b"b" * 200_000, "between", b"c" * 65_536],
+        {"buffer": bytearray(b"z" * 300_000), "text": "t" * 100_000},
+        list(range(100_000)),  # Many frames, no large object.
+    ],
+    ids=["bytes", "several", "bytearray-and-str", "frames"],
+)
+def test_pieces_unpickle_without_being_joined(value: Any) -> None:
+    data = _dumps_in_pieces(value)
+    assert isinstance(data, tuple)
+    assert loads_pieces(data) == value
+    assert loads_pieces(b"".join(data)) == value
+
+
+def test_the_pieces_reader_reads_across_pieces() -> None:
+    reader = _PiecesReader((b"ab", b"cde", b"", b"f"))
+    buffer = bytearray(4)
+    assert reader.readinto(buffer) == 4
+    assert buffer == b"abcd"
+    assert reader.read(1) == b"e"
+    assert reader.read(5) == b"f"
+    assert reader.read(1) == b""
+    assert reader.readinto(bytearray(3)) == 0
+
+    whole = b"one piece"
+    reader = _PiecesReader((whole, b"rest"))
+    assert reader.read(len(whole)) is whole  # A whole piece is not copied.
+    assert reader.read() == b"rest"
+
+    reader = _PiecesReader((b"ab\ncd", b"e\nf"))
+    assert [reader.readline() for _ in range(4)] == [b"ab\n", b"cde\n", b"f", b""]
+
+
+def test_a_codec_decodes_units_and_outcomes_that_travelled_in_pieces() -> None:
+    payload = bytes(range(256)) * 4096
+    sender, receiver = PickleCodec(pieces=True), PickleCodec()
+
+    unit = sender.encode_unit([identity(payload), identity(b"small")])
+    assert isinstance(unit, tuple)
+    tasks = receiver.decode_unit(unit)
+    assert [task.args for task in tasks] == [(payload,), (b"small",)]
+
+    error = ValueError("boom")
+    outcome = sender.encode_results([payload, None], {1: error})
+    assert isinstance(outcome, tuple)
+    values, errors = receiver.decode_results(outcome)
+    assert values == [payload, None]
+    assert type(errors[1]) is ValueError and str(errors[1]) == "boom"
+    outcome = sender.encode_results([payload], {})
+    assert receiver.decode_results(outcome) == ([payload], {})
+
+
+def test_outcomes_in_pieces_that_cannot_be_unpickled_fail_each_task() -> None:
+    outcome = PickleCodec(pieces=True).encode_results([b"x" * 100_000, 1, 2], {})
+    assert isinstance(outcome, tuple)
+    broken = (outcome[0], outcome[1][:-1])  # The header, and a truncated pickle.
+    values, errors = PickleCodec().decode_results(broken)
+    assert values == [None] * 3
+    assert sorted(errors) == [0, 1, 2]
+    assert all(isinstance(error, RemoteTaskError) for error in errors.values())

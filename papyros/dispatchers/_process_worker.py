@@ -18,7 +18,7 @@ from typing import Any
 
 from papyros.dispatchers._pipes import recv_framed, send_framed
 from papyros.scheduler import Assignment
-from papyros.serialization import PickleCodec
+from papyros.serialization import Payload, PickleCodec
 from papyros.task import ExceptionTypes, Outcome, Task, TaskBatch
 from papyros.worker import WorkSource, work
 
@@ -56,7 +56,7 @@ class _WorkerCodec(PickleCodec):
         super().__init__(pieces=True)
         self._source = source
 
-    def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
+    def decode_unit(self, payload: Payload) -> list[Task] | TaskBatch:
         try:
             unit = super().decode_unit(payload)
         except Exception as exc:

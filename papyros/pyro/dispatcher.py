@@ -56,6 +56,7 @@ from papyros.pyro.server import (
     register_in_name_server,
     unregister_from_name_server,
 )
+from papyros.scheduler import payload_size
 from papyros.serialization import PickleCodec
 from papyros.task import Encoded, Results, Unit
 
@@ -221,7 +222,8 @@ class PyroDispatcherProxy(TaskDispatcher):
         super().__init__(0)
         self.uri = uri
         self._secret = secret
-        self._codec = PickleCodec()
+        # Payloads may be tuples of pieces: a large buffer is pickled without a copy.
+        self._codec = PickleCodec(pieces=True)
         # Identifies this client to the dispatcher, which closes its queues if it vanishes.
         self._session = secrets.token_hex(8)
         # Each thread's connection.
@@ -323,10 +325,11 @@ class RemoteQueueLink(QueueLink):
     def encode(self, unit: Unit) -> Encoded:
         payload = self._codec.encode_unit(unit)
         largest = self._dispatcher._peer().largest_payload
-        if len(payload) > largest:
+        size = payload_size(payload)
+        if size > largest:
             what = "a task" if len(unit) == 1 else f"a unit of {len(unit)} tasks"
             raise SerializationError(
-                f"{what} pickles to {len(payload):,} bytes, more than the {largest:,} a message "
+                f"{what} pickles to {size:,} bytes, more than the {largest:,} a message "
                 "to the dispatcher may carry; pass less data per task (or fewer tasks per "
                 "chunk), or raise the dispatcher's --max-message-size"
             )
@@ -408,11 +411,11 @@ def _calls(units: list[Encoded]) -> Iterator[list[list[Any]]]:
     batch: list[list[Any]] = []
     size = 0
     for payload, ntasks in units:
-        if batch and size + len(payload) > CALL_BYTES:
+        if batch and size + payload_size(payload) > CALL_BYTES:
             yield batch
             batch, size = [], 0
         batch.append([payload, ntasks])
-        size += len(payload)
+        size += payload_size(payload)
     if batch:
         yield batch
 

@@ -155,7 +155,7 @@ class DispatcherService:
         checked = []
         for unit in units:
             payload, ntasks = unit
-            if not isinstance(payload, bytes) or not isinstance(ntasks, int) or ntasks < 1:
+            if not _is_payload(payload) or not isinstance(ntasks, int) or ntasks < 1:
                 raise ValueError("a unit is (payload bytes, number of tasks >= 1)")
             checked.append((payload, ntasks))
         deadline = time.monotonic() + max(0.0, min(float(wait), LONG_POLL))
@@ -345,6 +345,13 @@ class DispatcherService:
             raise RuntimeError(str(exc)) from None
         except PapyrosTimeoutError as exc:
             raise builtins.TimeoutError(str(exc)) from None
+
+
+def _is_payload(payload: Any) -> bool:
+    """Whether a unit's payload is what clients send: bytes, or a tuple of bytes (pieces)."""
+    if isinstance(payload, tuple):
+        return bool(payload) and all(type(piece) is bytes for piece in payload)
+    return isinstance(payload, bytes)
 
 
 def _address(conn: Any) -> str:

@@ -46,8 +46,8 @@ from papyros.pyro._common import (
     this_host,
 )
 from papyros.pyro.server import DEFAULT_LEASE
-from papyros.scheduler import Assignment
-from papyros.serialization import PickleCodec
+from papyros.scheduler import Assignment, payload_size
+from papyros.serialization import Payload, PickleCodec
 from papyros.task import Task, TaskBatch
 from papyros.worker import WorkSource, work
 
@@ -139,7 +139,7 @@ class _RemoteSource(WorkSource):
 
     def finish(self, assignment: Assignment, outcome: Any) -> None:
         self._results.append([assignment.unit_id, assignment.attempt, outcome, assignment.ntasks])
-        self._results_bytes += len(outcome)
+        self._results_bytes += payload_size(outcome)
         self._batch_left -= 1
         if not self._batch_left:
             return  # take() hands them back with its request, in the same call.
@@ -188,12 +188,13 @@ class _RemoteCodec(PickleCodec):
     """The worker's codec: a unit that cannot be unpickled fails task by task, never the worker."""
 
     def __init__(self, source: _RemoteSource) -> None:
-        super().__init__()
+        # Outcomes may be tuples of pieces: a large result is pickled without a copy.
+        super().__init__(pieces=True)
         self._source = source
         # The causes already logged: a run whose every unit fails the same way logs once.
         self._logged: set[str] = set()
 
-    def decode_unit(self, payload: bytes) -> list[Task] | TaskBatch:
+    def decode_unit(self, payload: Payload) -> list[Task] | TaskBatch:
         try:
             return super().decode_unit(payload)
         except Exception as exc:
@@ -206,11 +207,12 @@ class _RemoteCodec(PickleCodec):
     def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> Any:
         outcome = super().encode_results(values, errors)
         largest = self._source.largest_payload
-        if len(outcome) <= largest:
+        size = payload_size(outcome)
+        if size <= largest:
             return outcome
         # It could not reach the client: each task that did not fail says why, instead.
         failure = SerializationError(
-            f"the results of a unit of {len(values)} task(s) pickle to {len(outcome):,} bytes, "
+            f"the results of a unit of {len(values)} task(s) pickle to {size:,} bytes, "
             f"more than the {largest:,} a message to the dispatcher may carry; return less "
             "data per task (or use fewer tasks per chunk), or raise the dispatcher's "
             "--max-message-size"
