@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import math
 import time
+
+#: The longest one wait blocks before its caller looks at the deadline again: the
+#: system calls behind a wait refuse timeouts of centuries.
+LONGEST_WAIT = 24 * 3600.0
 
 
 def deadline_after(timeout: float | None, name: str = "timeout") -> float | None:
     """The ``time.monotonic()`` deadline ``timeout`` seconds from now; None for no limit.
 
+    An infinite timeout is no limit, as None is.
+
     Raises:
-        ValueError: ``timeout`` is negative or not a number.
+        TypeError: ``timeout`` is not a number.
+        ValueError: ``timeout`` is negative, or NaN.
     """
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, not {timeout!r}")
-    if timeout < 0:
+    if not timeout >= 0:  # Also refuses NaN, which no comparison holds for.
         raise ValueError(f"{name} must be >= 0, not {timeout}")
+    if math.isinf(timeout):
+        return None
     return time.monotonic() + timeout
 
 

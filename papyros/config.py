@@ -35,6 +35,11 @@ DEFAULT_BACKEND = "process"
 
 _ENV_PREFIX = "PAPYROS_"
 
+# Bounds and choices of the settings that have them (an int's least value is otherwise 0).
+_LEAST = {"max_attempts": 1}
+_MOST = {"ns_port": 65535}
+_CHOICES = {"start_method": ("", "spawn", "forkserver", "fork")}
+
 
 @dataclasses.dataclass(slots=True)
 class Config:
@@ -97,12 +102,21 @@ def _convert(name: str, value: Any, kind: Any, source: str) -> Any:
                 ) from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigurationError(f"{name} in {source} must be an integer, not {value!r}")
-        if value < 0:
-            raise ConfigurationError(f"{name} in {source} must be >= 0, not {value}")
+        least, most = _LEAST.get(name, 0), _MOST.get(name)
+        if value < least:
+            raise ConfigurationError(f"{name} in {source} must be >= {least}, not {value}")
+        if most is not None and value > most:
+            raise ConfigurationError(f"{name} in {source} must be <= {most}, not {value}")
         return value
     if not isinstance(value, str):
         raise ConfigurationError(f"{name} in {source} must be a string, not {value!r}")
-    return value.strip()
+    value = value.strip()
+    choices = _CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise ConfigurationError(
+            f"{name} in {source} must be one of {', '.join(map(repr, choices))}, not {value!r}"
+        )
+    return value
 
 
 def _file_settings(directory: Path) -> tuple[str, dict[str, Any]] | None:

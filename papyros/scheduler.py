@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+from papyros._deadline import LONGEST_WAIT
 from papyros.errors import (
     ClosedTaskDispatcherError,
     ClosedTaskQueueError,
@@ -594,7 +595,7 @@ class Scheduler:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        condition.wait(remaining)
+        condition.wait(min(remaining, LONGEST_WAIT))
         return True
 
     def _offer(self, queue: _Queue) -> None:

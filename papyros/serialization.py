@@ -84,10 +84,10 @@ class _MainFound(Exception):
 
 
 class _Discard:
-    """A file that forgets what is written to it."""
+    """A file that forgets what is written to it (bytes, or a large buffer as it is)."""
 
-    def write(self, data: bytes) -> int:
-        return len(data)
+    def write(self, data: Any) -> None:
+        pass  # The pickler ignores what write returns.
 
 
 class _MainScanner(pickle.Pickler):

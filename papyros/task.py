@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import copyreg
 import itertools
+import math
 import traceback
 from collections.abc import Callable, Iterator
 from itertools import repeat, starmap
@@ -150,12 +152,9 @@ class Task:
         if cls.traceback_attr:
             # Skip the frame that ran the task: the traceback starts in the task's own code.
             tb = exc.__traceback__.tb_next if exc.__traceback__ else None
-            exc.traceback = "".join(  # type: ignore[attr-defined]
-                traceback.format_exception(type(exc), exc, tb)
-            )
+            _attach(exc, "traceback", "".join(traceback.format_exception(type(exc), exc, tb)))
         if cls.task_attr:
-            failed = cls(*args, **kwargs) if task is None else task._fresh_copy()
-            exc.task = failed  # type: ignore[attr-defined]
+            _attach(exc, "task", cls(*args, **kwargs) if task is None else task._fresh_copy())
         return exc
 
     def _fresh_copy(self) -> Task:
@@ -190,9 +189,9 @@ class Task:
         errors: dict[int, BaseException] = {}
         # Where the class is a plain function's (``plain``), its tasks need not be
         # made to run them: the function is called on their arguments.
-        function = cls.__dict__.get("function")
-        execute: Callable[..., Any] = function.__func__ if function is not None else cls._execute
-        plain = function is not None and cls._execute is execute
+        function = cls.__dict__.get("_papyros_function")
+        plain = isinstance(function, staticmethod) and cls._execute is function.__func__
+        execute: Callable[..., Any] = cls._execute
         if plain and kwargs_list is None:
             # map and starmap take the next arguments on each call, so after a task
             # raised, extending again goes on with the task after it.
@@ -270,8 +269,14 @@ class Task:
                 f"the options are {', '.join(sorted(cls._OPTIONS))}"
             )
         limit = class_options.get("time_limit")
-        if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
-            raise ValueError(f"time_limit must be a positive number of seconds, not {limit!r}")
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, (int, float))
+            or not 0 < limit < math.inf  # Also refuses NaN.
+        ):
+            raise ValueError(
+                f"time_limit must be a positive, finite number of seconds (or None), not {limit!r}"
+            )
         return _TaskFactory(cls, class_options)
 
 
@@ -287,6 +292,13 @@ def _state_of(task: Task) -> Any:
         if hasattr(task, name)
     }
     return (getattr(task, "__dict__", None) or None, slots)
+
+
+def _attach(exc: BaseException, name: str, value: Any) -> None:
+    """Give a task's exception an attribute, even if its class refuses new ones (a frozen
+    dataclass does); one that cannot take it at all (a read-only property) goes without."""
+    with contextlib.suppress(Exception):
+        object.__setattr__(exc, name, value)
 
 
 def _check_escaping(error: BaseException, escaping: ExceptionTypes) -> None:
@@ -328,7 +340,8 @@ class _TaskFactory:
             "__doc__": getattr(func, "__doc__", None),
             # A static method: running a task costs one call, not two.
             "_execute": staticmethod(func),
-            "function": staticmethod(func),
+            # Marks the class as the function's own (see _run_many).
+            "_papyros_function": staticmethod(func),
             **self._options,
         }
         return type(name, (self._base,), namespace)

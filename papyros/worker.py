@@ -87,9 +87,15 @@ def run_unit(payload: Any, codec: Codec, *, escaping: ExceptionTypes = BaseExcep
     ``escaping``: that propagates, and the unit is left without an outcome.
     """
     unit = codec.decode_unit(payload)
-    if isinstance(unit, TaskBatch):
-        return codec.encode_results(*unit.run(escaping))
-    return codec.encode_outcomes([task._run(escaping) for task in unit])
+    try:
+        if isinstance(unit, TaskBatch):
+            return codec.encode_results(*unit.run(escaping))
+        return codec.encode_outcomes([task._run(escaping) for task in unit])
+    except Exception as exc:
+        # Not a task's exception (that is its outcome) but a fault around the tasks, in
+        # a Task subclass's own machinery: every task of the unit fails with it, and the
+        # worker lives on (a worker thread that died would leave its units unfinished).
+        return codec.encode_results([None] * len(unit), dict.fromkeys(range(len(unit)), exc))
 
 
 def work(source: WorkSource, codec: Codec, *, escaping: ExceptionTypes = BaseException) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -192,3 +194,65 @@ def hold_gil(seconds: int, path: str) -> int:
         file.write(f"{os.getpid()}\n")
     ctypes.PyDLL(None).sleep(seconds)
     return seconds
+
+
+# -- tasks and values that papyros's own machinery once tripped over
+
+
+class Blob:
+    """Bytes that pickle out of band, as a NumPy array's do (a ``pickle.PickleBuffer``)."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if protocol >= 5:
+            return (Blob, (pickle.PickleBuffer(self.data),))
+        return (Blob, (bytes(self.data),))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Blob) and bytes(self.data) == bytes(other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@papyros.Task.subclass()
+def blob_size(blob: Blob) -> int:
+    return len(blob.data)
+
+
+@papyros.Task.subclass()
+def make_blob(size: int) -> Blob:
+    return Blob(bytearray(b"b" * size))
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    """An exception that refuses new attributes (a frozen dataclass)."""
+
+    code: int
+
+
+@papyros.Task.subclass(task_attr=True, traceback_attr=True)
+def raise_frozen(code: int) -> None:
+    raise FrozenError(code)
+
+
+class WithFunctionMethod(papyros.Task):
+    """A Task class with a method of its own named ``function``."""
+
+    def function(self) -> str:
+        return "a method"
+
+    def _execute(self, x: int) -> int:
+        return x * 2
+
+
+class BrokenRun(papyros.Task):
+    """Fails in the machinery around the task (``_run``), not in the task's own code."""
+
+    def _run(self, escaping: Any = BaseException) -> Any:
+        raise RuntimeError("broken machinery")
+
+    def _execute(self, x: int) -> int:
+        return x

@@ -17,14 +17,21 @@ from papyros.dispatcher import _task_type_of
 from tests.conftest import WORKERS, DispatcherFactory
 from tests.stateful_tasks import Greeting, Scale, SlottedScale
 from tests.tasks import (
+    Blob,
+    BrokenRun,
+    FrozenError,
     Scaled,
+    WithFunctionMethod,
     add,
     annotated_failure,
+    blob_size,
     cube,
     fail_if_odd,
     identity,
     interrupt,
     lines,
+    make_blob,
+    raise_frozen,
     record,
     sleep_then,
     square,
@@ -217,6 +224,69 @@ def test_task_and_traceback_attributes_reach_the_client(
     assert ", in _run" not in traceback
 
 
+def test_an_exception_that_refuses_new_attributes_is_still_the_outcome(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    # A frozen dataclass refuses the .task and .traceback that its task's class asks for.
+    # On the process backend it cannot be unpickled either (a known limit of frozen
+    # dataclass exceptions), so there it arrives as a RemoteTaskError naming it.
+    results = dispatcher.execute([identity(1), raise_frozen(7), identity(3)], ordered=True)
+    assert next(results) == 1
+    with pytest.raises((FrozenError, papyros.RemoteTaskError)) as info:
+        next(results)
+    assert "FrozenError" in repr(info.value) or isinstance(info.value, FrozenError)
+    assert list(results) == [3]
+    if isinstance(info.value, FrozenError):
+        assert info.value.code == 7
+        assert "raise_frozen" in info.value.traceback  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_a_fault_around_the_tasks_fails_them_and_spares_the_worker(
+    dispatcher: papyros.TaskDispatcher, chunksize: int
+) -> None:
+    results = list(
+        _drain(dispatcher.execute([BrokenRun(1), BrokenRun(2)], chunksize=chunksize), RuntimeError)
+    )
+    assert results == ["broken machinery", "broken machinery"]
+    assert list(dispatcher.execute([square(4)], timeout=30)) == [16]
+
+
+def test_a_task_class_may_have_a_method_named_function(
+    dispatcher: papyros.TaskDispatcher,
+) -> None:
+    assert sorted(dispatcher.map(WithFunctionMethod, [1, 2, 3], timeout=30)) == [2, 4, 6]
+    tasks = [WithFunctionMethod(x) for x in range(5)]
+    assert list(dispatcher.execute(tasks, ordered=True, chunksize=5, timeout=30)) == [
+        0,
+        2,
+        4,
+        6,
+        8,
+    ]
+
+
+def test_buffers_pickled_out_of_band_travel_both_ways(dispatcher: papyros.TaskDispatcher) -> None:
+    # As NumPy arrays pickle: a PickleBuffer, above the 64 KB of a pickle's frame.
+    sizes = [10, 100_000, 3_000_000]
+    tasks = [blob_size(Blob(bytearray(size))) for size in sizes]
+    assert list(dispatcher.execute(tasks, ordered=True, timeout=60)) == sizes
+    blobs = list(dispatcher.execute([make_blob(size) for size in sizes], ordered=True, timeout=60))
+    assert blobs == [Blob(bytearray(b"b" * size)) for size in sizes]
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12])
+def test_an_endless_or_huge_timeout_waits_as_none_does(
+    dispatcher: papyros.TaskDispatcher, timeout: float
+) -> None:
+    assert list(dispatcher.execute([square(3)], timeout=timeout)) == [9]
+    with dispatcher.make_queue() as queue:
+        queue.push(square(5), timeout=timeout)
+        assert queue.pop(timeout=timeout) == 25
+        queue.push(square(6))
+        assert queue.pop_many(timeout=timeout) == [36]
+
+
 def test_queue_pop_reraises_the_task_exception(dispatcher: papyros.TaskDispatcher) -> None:
     with dispatcher.make_queue() as queue:
         queue.push(fail_if_odd(3))
@@ -328,10 +398,15 @@ def test_execute_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> No
         dispatcher.execute([], chunksize=0)
     with pytest.raises(ValueError, match="timeout"):
         dispatcher.execute([], timeout=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        dispatcher.execute([], timeout=float("nan"))
     with pytest.raises(TypeError):
         dispatcher.execute(42)  # type: ignore[arg-type]
-    with dispatcher.make_queue() as queue, pytest.raises(TypeError, match="Task"):
-        queue.push(square)  # type: ignore[arg-type]
+    with dispatcher.make_queue() as queue:
+        with pytest.raises(TypeError, match="Task"):
+            queue.push(square)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            queue.pop(timeout=float("nan"))
     assert dispatcher.num_queues() == 0
 
 
@@ -539,7 +614,8 @@ def test_a_full_dispatcher_blocks_the_pusher(
                 break
             pushed += 1
         assert 2 <= pushed < 100, "pushes into a dispatcher of size 2 never blocked"
-        assert dispatcher.num_tasks() == 2
+        # Two, unless a worker that was slow to start took one since.
+        assert 1 <= dispatcher.num_tasks() <= 2
 
 
 def test_a_slow_consumer_does_not_stall_other_clients_of_a_bounded_dispatcher(

@@ -55,6 +55,22 @@ def test_bad_settings_name_their_source(tmp_path: Path) -> None:
         load_config(tmp_path, environ={}, nonsense=1)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PAPYROS_MAX_ATTEMPTS", "0", "must be >= 1"),
+        ("PAPYROS_NS_PORT", "70000", "must be <= 65535"),
+        ("PAPYROS_START_METHOD", "spoon", "must be one of '', 'spawn'"),
+    ],
+)
+def test_values_out_of_bounds_name_their_source(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(papyros.ConfigurationError, match=rf"\${variable} {message}"):
+        load_config(tmp_path, environ={variable: value})
+    assert load_config(tmp_path, environ={variable: {"0": "1", "70000": "80"}.get(value, "fork")})
+
+
 def test_get_dispatcher_reads_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,7 +147,8 @@ def test_a_codec_decodes_units_and_outcomes_that_travelled_in_pieces() -> None:
     assert isinstance(outcome, tuple)
     values, errors = receiver.decode_results(outcome)
     assert values == [payload, None]
-    assert type(errors[1]) is ValueError and str(errors[1]) == "boom"
+    assert type(errors[1]) is ValueError
+    assert str(errors[1]) == "boom"
     outcome = sender.encode_results([payload], {})
     assert receiver.decode_results(outcome) == ([payload], {})
 

@@ -37,8 +37,9 @@ def test_subclass_called_with_a_name_leaves_the_function_alone() -> None:
 def test_unknown_options_fail_at_decoration_time() -> None:
     with pytest.raises(ValueError, match="retries"):
         papyros.Task.subclass(retries=3)
-    with pytest.raises(ValueError, match="time_limit"):
-        papyros.Task.subclass(time_limit=-1)
+    for limit in (-1, 0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="time_limit"):
+            papyros.Task.subclass(time_limit=limit)
     with pytest.raises(TypeError):
         papyros.Task.subclass()(42)  # type: ignore[arg-type]
 

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from papyros._deadline import LONGEST_WAIT
+
 if sys.platform == "linux":
     from fcntl import F_SETPIPE_SZ, fcntl
 
@@ -169,6 +171,8 @@ class ReadyWaiter:
 
     def wait(self, objects: Sequence[Any], timeout: float | None) -> list[Any]:
         """The objects of ``objects`` that are ready (readable, or closed at the other end)."""
+        if timeout is not None:
+            timeout = min(timeout, LONGEST_WAIT)
         if not hasattr(select, "poll"):
             return multiprocessing.connection.wait(objects, timeout)
         if len(objects) != len(self._objects) or any(
