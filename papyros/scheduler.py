@@ -195,6 +195,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._assign_seq = itertools.count(1)
         self._closed = False
+        self._closed_because = ""  # Why the dispatcher closed itself, if it did.
         self.units_done = 0
 
     # ---------------------------------------------------------------- queues
@@ -538,12 +539,17 @@ class Scheduler:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
-        """Refuse all further calls and wake every waiter. Idempotent."""
+    def close(self, reason: str = "") -> None:
+        """Refuse all further calls and wake every waiter. Idempotent.
+
+        ``reason`` says why, when the dispatcher closes itself: every call refused
+        from then on says it too.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._closed_because = reason
             for queue in self._queues.values():
                 queue.closed = True
                 queue.has_results.notify_all()
@@ -576,7 +582,10 @@ class Scheduler:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedTaskDispatcherError("the dispatcher is closed")
+            because = self._closed_because
+            raise ClosedTaskDispatcherError(
+                f"the dispatcher closed itself: {because}" if because else "the dispatcher is closed"
+            )
 
     def _live_queue(self, queue_id: int) -> _Queue:
         self._check_open()

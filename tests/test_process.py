@@ -382,6 +382,31 @@ def test_tasks_defined_in_main_work(tmp_path: Path, how: str) -> None:
     assert x == 7
 
 
+UNGUARDED_SCRIPT = """
+import papyros
+from tests.tasks import square
+
+# No `if __name__ == "__main__":`: each worker, importing this module, tries to start
+# workers of its own, and fails before it is ready.
+with papyros.MultiProcessTaskDispatcher(2) as dispatcher:
+    try:
+        list(dispatcher.execute([square(2)], timeout=60))
+    except papyros.ClosedTaskDispatcherError as exc:
+        print("refused:", exc)
+"""
+
+
+def test_an_unguarded_main_module_is_named_in_the_error_the_user_gets(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    done = run_python(str(script))
+    assert done.returncode == 0, done.stderr
+    refused = [line for line in done.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 1, done.stdout
+    assert "worker processes in a row died before they were ready" in refused[0]
+    assert "if __name__ == '__main__':" in refused[0]
+
+
 # ------------------------------------------------------------ cancelling and closing
 
 

@@ -479,9 +479,9 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
                     if item in sentinels and sentinels[item].state is not _State.DEAD:
                         self._reap(sentinels[item])
                 self._expire(workers)
-        except Exception:
+        except Exception as exc:
             logger.exception("the result reader of %r failed; closing it", self)
-            self._scheduler.close()
+            self._scheduler.close(f"its result reader failed ({type(exc).__name__}: {exc})")
 
     def _receive(self, worker: _Worker) -> None:
         """Take one message of outcomes from a worker."""
@@ -596,14 +596,13 @@ class MultiProcessTaskDispatcher(CoreDispatcher):
         """Start a worker in the slot of one that ended, unless workers keep dying at start."""
         self._failed_starts = 0 if worker.ready else self._failed_starts + 1
         if self._failed_starts >= _MAX_FAILED_STARTS:
-            logger.error(
-                "%d worker processes in a row died before they were ready (the last %s); "
-                "the dispatcher is closing. Is the main module guarded by "
-                "`if __name__ == '__main__':`, and importable by a fresh interpreter?",
-                self._failed_starts,
-                _how_it_ended(exitcode),
+            reason = (
+                f"{self._failed_starts} worker processes in a row died before they were ready "
+                f"(the last {_how_it_ended(exitcode)}). Is the main module guarded by "
+                "`if __name__ == '__main__':`, and importable by a fresh interpreter?"
             )
-            self._scheduler.close()
+            logger.error("%s The dispatcher is closing.", reason)
+            self._scheduler.close(reason)
             return
         self._start_worker(worker.slot)
 
