@@ -164,6 +164,29 @@ def test_a_stopped_worker_s_units_are_redispatched_and_its_late_result_dropped(
         assert dispatcher.num_tasks() == 0
 
 
+def test_a_unit_for_a_worker_presumed_lost_while_it_waited_is_not_lost(
+    pyro_cluster: Cluster,
+) -> None:
+    # The worker waits in a long-poll (5 s) for work; stopped, it misses its lease (1 s)
+    # while the poll still waits, and the task pushed then wakes that poll.
+    pyro_cluster.start_dispatcher("waiting", "--lease", "1")
+    pyro_cluster.start_workers("waiting", 1, "--lease", "1")
+    with client(pyro_cluster, "waiting") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 1, what="a worker")
+        list(dispatcher.execute([square(1)], timeout=30))  # It has asked for work again.
+        (frozen,) = worker_pids(dispatcher)
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            wait_until(lambda: not worker_pids(dispatcher), what="the worker presumed lost")
+            queue = dispatcher.make_queue()
+            queue.push(square(7))
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        # Thawed, it registers again and runs the task, which was not handed to it for good.
+        assert queue.pop(timeout=30) == 49
+        assert dispatcher.get_stats()["inflight_units"] == 0  # type: ignore[attr-defined]
+
+
 def test_a_poison_task_ends_as_worker_lost(pyro_cluster: Cluster, tmp_path: Path) -> None:
     pyro_cluster.start_dispatcher("poison", "--max-attempts", "2")
     pyro_cluster.start_workers("poison", 2)

@@ -258,7 +258,13 @@ class DispatcherService:
             )
         except ClosedTaskDispatcherError:
             raise RuntimeError("the dispatcher is shutting down") from None
-        self._touch(worker_id)
+        try:
+            self._touch(worker_id)
+        except LookupError:
+            # Its lease expired while it waited here (it was stopped, say): what it was
+            # just handed would be lost with the reply it is refused. Back it goes.
+            scheduler.worker_lost(worker_id, blame_running=False)
+            raise
         return [[a.unit_id, a.attempt, a.payload, a.ntasks] for a in assignments]
 
     def heartbeat(self, worker_id: str) -> None:
