@@ -444,6 +444,24 @@ def test_an_unreachable_name_server_fails_in_one_line() -> None:
     assert time.monotonic() - start < 20
 
 
+def test_a_name_server_that_does_not_answer_fails_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It accepts connections (the kernel does, for a listening socket) and says nothing,
+    # as a stopped name server would.
+    from papyros.pyro import _common
+
+    monkeypatch.setattr(_common, "NS_TIMEOUT", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(papyros.CommunicationError, match="name server"):
+            papyros.get_dispatcher("pyro", ns_port=port)
+        assert time.monotonic() - start < 10
+
+
 def test_a_client_of_a_group_without_dispatcher_gets_a_clear_error(
     pyro_cluster: Cluster,
 ) -> None:

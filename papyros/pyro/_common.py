@@ -37,6 +37,9 @@ log = logging.getLogger("papyros.pyro")
 # are made of several calls, so a dead dispatcher is noticed within this time.
 LONG_POLL = 5.0
 
+# Seconds a call to the name server may take, connecting included.
+NS_TIMEOUT = 10.0
+
 # Slack on top of a call's own wait before its socket times out.
 CALL_SLACK = 30.0
 
@@ -118,12 +121,25 @@ def keep_freed_buffers() -> None:
 def locate_ns(ns_host: str = "", ns_port: int = 0) -> Any:
     """A proxy of the name server: at ``ns_host:ns_port``, else where Pyro5's settings say.
 
-    Never broadcasts: papyros sends packets only to the hosts it is told.
+    Never broadcasts: papyros sends packets only to the hosts it is told. Every call,
+    the connection's first included, times out (a name server that accepts connections
+    but does not answer, a stopped process say, must not hang its caller).
+
+    Raises:
+        Pyro5.errors.NamingError: the name server cannot be reached.
     """
-    proxy = Pyro5.api.locate_ns(
-        host=ns_host or pyro_config.NS_HOST, port=ns_port or pyro_config.NS_PORT, broadcast=False
-    )
-    proxy._pyroTimeout = 10.0
+    host = ns_host or pyro_config.NS_HOST
+    port = ns_port or pyro_config.NS_PORT
+    if Pyro5.core.URI.isUnixsockLocation(host):
+        location = host
+    else:
+        location = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    proxy = Pyro5.api.Proxy(f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{location}")
+    proxy._pyroTimeout = NS_TIMEOUT
+    try:
+        proxy._pyroBind()
+    except Pyro5.errors.PyroError as exc:
+        raise Pyro5.errors.NamingError("Failed to locate the nameserver") from exc
     return proxy
 
 
