@@ -583,9 +583,9 @@ class Scheduler:
     def _check_open(self) -> None:
         if self._closed:
             because = self._closed_because
-            raise ClosedTaskDispatcherError(
-                f"the dispatcher closed itself: {because}" if because else "the dispatcher is closed"
-            )
+            if because:
+                raise ClosedTaskDispatcherError(f"the dispatcher closed itself: {because}")
+            raise ClosedTaskDispatcherError("the dispatcher is closed")
 
     def _live_queue(self, queue_id: int) -> _Queue:
         self._check_open()

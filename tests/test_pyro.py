@@ -432,6 +432,15 @@ def test_a_port_in_use_fails_in_one_line(pyro_cluster: Cluster) -> None:
     _one_line_failure(done, "cannot listen", str(port))
 
 
+def test_a_second_dispatcher_of_a_running_group_is_refused(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("twice")
+    done = _run("dispatcher", "--group", "twice", "--ns-port", str(pyro_cluster.ns_port))
+    _one_line_failure(done, "group 'twice' is running already")
+    pyro_cluster.start_workers("twice", 1)
+    with client(pyro_cluster, "twice") as dispatcher:  # The first one still has the name.
+        assert list(dispatcher.execute([square(3)], timeout=30)) == [9]
+
+
 def test_an_unreachable_name_server_fails_in_one_line() -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))

@@ -84,7 +84,8 @@ class PyroTaskDispatcher(CoreDispatcher):
         tls_cert, tls_key, tls_ca: PEM files for TLS (Pyro5's SSL support).
 
     Raises:
-        CommunicationError: the address is in use, or the name server is unreachable.
+        CommunicationError: the address is in use, the name server is unreachable, or
+            a dispatcher of the group is running already.
     """
 
     backend_name = "pyro"
@@ -131,6 +132,10 @@ class PyroTaskDispatcher(CoreDispatcher):
         if register:
             try:
                 register_in_name_server(self.uri, group, ns_host, ns_port)
+            except CommunicationError:  # Another dispatcher of the group is running.
+                self._daemon.close()
+                self._scheduler.close()
+                raise
             except Exception as exc:
                 self._daemon.close()
                 self._scheduler.close()

@@ -22,18 +22,22 @@ from __future__ import annotations
 import builtins
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import Pyro5.api
+import Pyro5.core
+import Pyro5.errors
 import Pyro5.server
 
 from papyros import _auth
 from papyros.errors import (
     ClosedTaskDispatcherError,
     ClosedTaskQueueError,
+    CommunicationError,
     WorkerLostError,
 )
 from papyros.errors import TimeoutError as PapyrosTimeoutError
@@ -54,6 +58,9 @@ DEFAULT_LEASE = 10.0
 
 # The most units a worker gets in one exchange.
 _MAX_UNITS_PER_WORKER = 256
+
+# Seconds to wait for a connection to the address of another dispatcher of the group.
+_PROBE_TIMEOUT = 2.0
 
 
 class _WorkerRecord:
@@ -405,9 +412,39 @@ class DispatcherDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
 
 
 def register_in_name_server(uri: str, group: str, ns_host: str, ns_port: int) -> None:
-    """Register the dispatcher of ``group`` under its name, replacing an older entry."""
+    """Register the dispatcher of ``group`` under its name, replacing an entry left by one
+    that is gone.
+
+    Raises:
+        CommunicationError: a dispatcher of the group still listens where its entry says.
+    """
+    name = dispatcher_name(group)
     with locate_ns(ns_host, ns_port) as ns:
-        ns.register(dispatcher_name(group), uri)
+        try:
+            current = str(ns.lookup(name))
+        except Pyro5.errors.NamingError:
+            current = ""
+        if current and current != uri and _listening(current):
+            raise CommunicationError(
+                f"a dispatcher of group {group!r} is running already, at {current}; "
+                "stop it first, or choose another --group"
+            )
+        ns.register(name, uri)
+
+
+def _listening(uri: str) -> bool:
+    """Whether something accepts connections at the address of ``uri``."""
+    location = Pyro5.core.URI(uri)
+    try:
+        if location.sockname:
+            with socket.socket(socket.AF_UNIX) as unix:
+                unix.settimeout(_PROBE_TIMEOUT)
+                unix.connect(location.sockname)
+        else:
+            socket.create_connection((location.host, location.port), _PROBE_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
 
 
 def unregister_from_name_server(uri: str, group: str, ns_host: str, ns_port: int) -> None:
