@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from papyros.cli import main
+from papyros.cli import build_parser, main
 from papyros.cli.demo import factorize
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -40,6 +40,84 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert info.value.code == 0
     assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["dispatcher", "workers"])
+@pytest.mark.parametrize("lease", ["nan", "inf", "1e300", "0"])
+def test_a_lease_that_is_no_duration_is_a_usage_error(
+    command: str, lease: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only parsed, never run: a lease of nan or inf would have a thread spin or die.
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([command, f"--lease={lease}"])
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "argument --lease" in line
+
+
+@pytest.mark.parametrize("command", ["dispatcher", "workers", "nameserver"])
+def test_a_log_file_that_cannot_be_written_fails_in_one_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for log_file in (tmp_path / "missing" / "papyros.log", tmp_path):  # A directory, too.
+        assert main([command, "--log-file", str(log_file)]) != 0
+        [line] = capsys.readouterr().err.splitlines()
+        assert f"cannot write the log file {str(log_file)!r}" in line
+
+
+# A bad papyros.toml or PAPYROS_* variable, and the source its error names.
+BAD_CONFIGURATIONS = [
+    ("bogus = 1\n", {}, "papyros.toml"),
+    ("backend = [\n", {}, "papyros.toml"),
+    ("", {"PAPYROS_NS_PORT": "abc"}, "$PAPYROS_NS_PORT"),
+]
+
+
+def _configure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file: str, variables: dict[str, str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if file:
+        (tmp_path / "papyros.toml").write_text(file)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(
+    ("file", "variables"),
+    [(file, variables) for file, variables, _ in BAD_CONFIGURATIONS]
+    + [("", {"PYRO_NS_PORT": "abc"})],
+)
+def test_help_reads_no_configuration(
+    file: str,
+    variables: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _configure(tmp_path, monkeypatch, file, variables)
+    for argv in (["--help"], ["dispatcher", "--help"], ["nameserver", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("file", "variables", "source"), BAD_CONFIGURATIONS)
+def test_a_bad_configuration_fails_the_commands_that_read_it_in_one_line(
+    file: str,
+    variables: dict[str, str],
+    source: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The name server reads none (see test_pyro.py), and starts all the same.
+    _configure(tmp_path, monkeypatch, file, variables)
+    for argv in (["dispatcher"], ["workers"], ["status"], ["demo", "-n", "10"]):
+        assert main(argv) != 0
+        [line] = capsys.readouterr().err.splitlines()
+        assert source in line
 
 
 def test_factorize() -> None:

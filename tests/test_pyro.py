@@ -6,6 +6,7 @@ The contract itself is checked by the behaviour suite, on every backend.
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import os
 import pickle
 import shlex
@@ -24,6 +25,7 @@ import psutil
 import pytest
 
 import papyros
+from papyros.pyro.worker import WorkerOptions, worker_main
 from tests.pyro_cluster import Cluster, command, environment, read_line, stop
 from tests.tasks import (
     Boom,
@@ -353,9 +355,16 @@ def test_garbage_and_oversized_messages_are_refused_and_logged(pyro_cluster: Clu
 # ------------------------------------------------------------ the commands
 
 
-def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, timeout: float = 60, cwd: Path | None = None, **variables: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        command(*args), capture_output=True, text=True, timeout=timeout, env=environment()
+        command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**environment(), **variables},
     )
 
 
@@ -471,6 +480,28 @@ def test_a_name_server_that_does_not_answer_fails_in_bounded_time(
         assert time.monotonic() - start < 10
 
 
+def test_a_bad_configuration_leaves_the_name_server_alone(tmp_path: Path) -> None:
+    # It reads no papyros configuration: neither a bad papyros.toml nor a bad variable.
+    (tmp_path / "papyros.toml").write_text("bogus = 1\n")
+    process = subprocess.Popen(
+        command("nameserver", "--port", "0"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**environment(), "PAPYROS_NS_PORT": "abc"},
+    )
+    try:
+        read_line(process, r"ready at", 30)
+    finally:
+        assert stop(process) == 0
+
+
+def test_a_bad_pyro5_variable_fails_each_command_in_one_line() -> None:
+    for args in (["nameserver", "--port", "0"], ["dispatcher"], ["workers"], ["status"]):
+        _one_line_failure(_run(*args, PYRO_NS_PORT="abc"), args[0], "PYRO_NS_PORT=abc")
+
+
 def test_a_client_of_a_group_without_dispatcher_gets_a_clear_error(
     pyro_cluster: Cluster,
 ) -> None:
@@ -505,6 +536,66 @@ def test_workers_stop_cleanly_on_sigterm_and_sigint(pyro_cluster: Cluster) -> No
             _, alive = psutil.wait_procs(children, timeout=10)
             assert not alive
         stop(workers)
+
+
+def test_workers_stop_cleanly_when_their_whole_process_group_gets_sigterm(
+    pyro_cluster: Cluster, tmp_path: Path
+) -> None:
+    # As systemd and GNU timeout stop a service: SIGTERM to each process of its group.
+    # Each worker gets it twice, the group's and then its manager's.
+    pyro_cluster.start_dispatcher("group-stop")
+    ns_port = str(pyro_cluster.ns_port)
+    errors = tmp_path / "workers.err"
+    with errors.open("w") as stderr:
+        manager = subprocess.Popen(
+            command("workers", "-n", "4", "--group", "group-stop", "--ns-port", ns_port),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=environment(),
+            start_new_session=True,  # A process group of its own, as under systemd.
+        )
+    try:
+        read_line(manager, r"starting 4 workers", 30)
+        with client(pyro_cluster, "group-stop") as dispatcher:
+            wait_until(lambda: len(worker_pids(dispatcher)) == 4, what="four workers")
+        children = psutil.Process(manager.pid).children(recursive=True)
+        os.killpg(manager.pid, signal.SIGTERM)
+        assert manager.wait(15) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        stop(manager)
+    assert "Traceback" not in errors.read_text(), errors.read_text()
+
+
+def test_a_worker_stops_at_its_first_sigterm_and_exits_cleanly_despite_more(
+    pyro_cluster: Cluster, capfd: pytest.CaptureFixture[str]
+) -> None:
+    pyro_cluster.start_dispatcher("insistent")
+    context = multiprocessing.get_context("spawn")
+    reader, writer = context.Pipe(duplex=False)
+    options = WorkerOptions("insistent", ns_port=pyro_cluster.ns_port)
+    worker = context.Process(target=worker_main, args=(options, writer))
+    worker.start()
+    writer.close()
+    assert worker.pid is not None
+    with reader:
+        assert reader.poll(30), "the worker did not join its dispatcher"
+        reader.recv()
+    with client(pyro_cluster, "insistent") as dispatcher:
+        assert list(dispatcher.execute([square(3)])) == [9]  # It is at work.
+    # SIGTERM after SIGTERM until it is gone: they land everywhere on its way out.
+    deadline = time.monotonic() + 15
+    while worker.exitcode is None and time.monotonic() < deadline:
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(0.002)
+    if worker.exitcode is None:
+        worker.kill()
+        worker.join()
+    err = capfd.readouterr().err
+    assert worker.exitcode == 0, err
+    assert "Traceback" not in err, err
 
 
 # ------------------------------------------------------------ the README and TLS

@@ -9,10 +9,19 @@ LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def setup_logging(level: str = "", log_file: str = "") -> None:
-    """Log papyros's records (and Pyro5's warnings) to ``log_file`` or stderr."""
-    handler: logging.Handler = (
-        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    )
+    """Log papyros's records (and Pyro5's warnings) to ``log_file`` or stderr.
+
+    Raises:
+        OSError: ``log_file`` cannot be opened for appending; the message names it.
+    """
+    handler: logging.Handler
+    if log_file:
+        try:
+            handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise OSError(f"cannot write the log file {log_file!r}: {exc.strerror or exc}") from exc
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
     )

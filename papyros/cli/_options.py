@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import threading
 from typing import Any
 
 from papyros.config import load_config
@@ -43,30 +45,46 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    # float() also reads "nan" and "inf": neither is a number of anything here.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
     return value
 
 
+def seconds(text: str) -> float:
+    """A duration: positive, and no longer than a thread may wait (else OverflowError)."""
+    value = positive_float(text)
+    if value > threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {threading.TIMEOUT_MAX:.0f} seconds, not {value:g}"
+        )
+    return value
+
+
 def add_group_options(parser: Any) -> None:
-    """--group, the name server, the secret and TLS: what every distributed command needs."""
-    config = load_config()
+    """--group, the name server, the secret and TLS: what every distributed command needs.
+
+    The defaults of --group, --ns-host and --ns-port are the configuration's,
+    read when the command runs (see :func:`apply_configuration`), not here: a
+    bad papyros.toml must not break --help, nor the commands that do not read it.
+    """
     parser.add_argument(
         "-g",
         "--group",
-        default=config.group,
-        help="the distributed group (default: %(default)s, or $PAPYROS_GROUP)",
+        help="the distributed group (default: $PAPYROS_GROUP or papyros.toml's, else 'default')",
     )
     parser.add_argument(
         "--ns-host",
-        default=config.ns_host,
-        help="the Pyro5 name server host (default: $PYRO_NS_HOST, else localhost)",
+        help="the Pyro5 name server host (default: $PAPYROS_NS_HOST or papyros.toml's, "
+        "else $PYRO_NS_HOST, else localhost)",
     )
     parser.add_argument(
         "--ns-port",
         type=port,
-        default=config.ns_port,
-        help="the Pyro5 name server port (default: $PYRO_NS_PORT, else 9090)",
+        help="the Pyro5 name server port (default: $PAPYROS_NS_PORT or papyros.toml's, "
+        "else $PYRO_NS_PORT, else 9090)",
     )
     parser.add_argument(
         "--secret-file",
@@ -75,3 +93,14 @@ def add_group_options(parser: Any) -> None:
     parser.add_argument("--tls-cert", default="", help="PEM certificate: enables TLS")
     parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-ca", default="", help="PEM CA bundle to verify peers with")
+
+
+def apply_configuration(args: argparse.Namespace) -> None:
+    """Give --group, --ns-host and --ns-port not on the command line their configured values.
+
+    Raises:
+        ConfigurationError: a bad papyros.toml, pyproject.toml or PAPYROS_*
+            variable; the message names which.
+    """
+    config = load_config(group=args.group, ns_host=args.ns_host, ns_port=args.ns_port)
+    args.group, args.ns_host, args.ns_port = config.group, config.ns_host, config.ns_port

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import multiprocessing.connection
-import os
 import signal
 import sys
 import threading
@@ -15,11 +14,12 @@ from typing import Any
 from papyros.cli._logging import add_logging_options, setup_logging
 from papyros.cli._options import (
     add_group_options,
+    apply_configuration,
     message_size,
     non_negative_int,
     port,
-    positive_float,
     positive_int,
+    seconds,
 )
 from papyros.errors import PapyrosError
 
@@ -48,7 +48,7 @@ def add_parsers(commands: Any) -> None:
     )
     parser.add_argument(
         "--lease",
-        type=positive_float,
+        type=seconds,
         default=10.0,
         help="seconds of silence before a worker is presumed dead (%(default)s)",
     )
@@ -81,7 +81,7 @@ def add_parsers(commands: Any) -> None:
         "-n", "--num", type=positive_int, help="how many workers (default: one per CPU)"
     )
     parser.add_argument(
-        "--lease", type=positive_float, default=10.0, help="the dispatcher's lease (%(default)s)"
+        "--lease", type=seconds, default=10.0, help="the dispatcher's lease (%(default)s)"
     )
     add_logging_options(parser)
     parser.set_defaults(run=run_workers)
@@ -93,10 +93,7 @@ def add_parsers(commands: Any) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     parser.add_argument(
-        "--port",
-        type=port,
-        default=int(os.environ.get("PYRO_NS_PORT") or 9090),
-        help="port (default: $PYRO_NS_PORT, else 9090; 0: one the OS picks)",
+        "--port", type=port, help="port (default: $PYRO_NS_PORT, else 9090; 0: one the OS picks)"
     )
     parser.add_argument("--tls-cert", default="", help="PEM certificate: enables TLS")
     parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
@@ -128,8 +125,9 @@ def _stop_on_sigterm() -> None:
 
 
 def run_dispatcher(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, args.log_file)
     try:
+        apply_configuration(args)
+        setup_logging(args.log_level, args.log_file)
         from papyros.pyro._common import keep_freed_buffers
         from papyros.pyro.dispatcher import PyroTaskDispatcher
 
@@ -149,7 +147,7 @@ def run_dispatcher(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
         )
-    except (PapyrosError, ImportError, ValueError) as exc:
+    except (PapyrosError, ImportError, ValueError, OSError) as exc:
         return _fail("dispatcher", exc)
     _stop_on_sigterm()
     print(f"papyros dispatcher of group {args.group!r} ready at {dispatcher.uri}", flush=True)
@@ -163,15 +161,16 @@ def run_dispatcher(args: argparse.Namespace) -> int:
 
 
 def run_workers(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, args.log_file)
     from papyros.dispatchers._local import available_cpus
 
     try:
+        apply_configuration(args)
+        setup_logging(args.log_level, args.log_file)
         from papyros._auth import load_secret
         from papyros.pyro.worker import WorkerOptions, vouch_for, worker_main
 
         load_secret(args.secret_file)  # Fail now, not in every worker.
-    except (PapyrosError, ImportError) as exc:
+    except (PapyrosError, ImportError, ValueError, OSError) as exc:
         return _fail("workers", exc)
     options = WorkerOptions(
         args.group,
@@ -271,18 +270,21 @@ def _stop_processes(processes: list[multiprocessing.process.BaseProcess]) -> Non
 
 
 def run_nameserver(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, args.log_file)
     try:
-        import Pyro5.nameserver
+        setup_logging(args.log_level, args.log_file)
+        import Pyro5.nameserver  # Reads the PYRO_* variables: a bad one is a ValueError.
 
         from papyros.pyro._common import configure_pyro
     except ImportError:
         return _fail("nameserver", "needs Pyro5: pip install 'papyros[pyro]'")
+    except (ValueError, OSError) as exc:
+        return _fail("nameserver", exc)
     configure_pyro(server=True, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+    port = Pyro5.config.NS_PORT if args.port is None else args.port  # $PYRO_NS_PORT, else 9090.
     try:
-        uri, daemon, _ = Pyro5.nameserver.start_ns(args.host, args.port, enableBroadcast=False)
+        uri, daemon, _ = Pyro5.nameserver.start_ns(args.host, port, enableBroadcast=False)
     except OSError as exc:
-        return _fail("nameserver", f"cannot listen on {args.host}:{args.port}: {exc}")
+        return _fail("nameserver", f"cannot listen on {args.host}:{port}: {exc}")
     _stop_on_sigterm()
     print(f"papyros: Pyro5 name server ready at {uri}", flush=True)
     try:
@@ -296,6 +298,7 @@ def run_nameserver(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     try:
+        apply_configuration(args)
         from papyros.pyro.dispatcher import PyroTaskDispatcher
 
         with PyroTaskDispatcher.get_proxy(
@@ -308,7 +311,7 @@ def run_status(args: argparse.Namespace) -> int:
             tls_ca=args.tls_ca,
         ) as dispatcher:
             stats = dispatcher.get_stats()
-    except (PapyrosError, ImportError) as exc:
+    except (PapyrosError, ImportError, ValueError) as exc:
         return _fail("status", exc)
     print(f"dispatcher of group {args.group!r} at {dispatcher.uri}, up {stats['uptime']:.0f} s")
     print(

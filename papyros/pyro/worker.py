@@ -275,7 +275,7 @@ def run_worker(
             log.exception("worker failed unexpectedly; retrying in %.1f s", backoff)
         finally:
             beat_stop.set()
-            if beat is not None:
+            if beat is not None and beat.ident is not None:  # A SIGTERM may stop its start.
                 beat.join(LONG_POLL + 1)
             if peer is not None:
                 peer.close()
@@ -352,4 +352,8 @@ class _Terminated(BaseException):
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # The first SIGTERM stops the worker; more may follow (one sent to the whole process
+    # group, then the manager's own): raised while the worker exits, they would break
+    # its clean-up. So the worker ignores them from now on.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Terminated
