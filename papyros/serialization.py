@@ -395,8 +395,8 @@ class PickleCodec(Codec):
             header = payload[0]
             body_data: Any = payload[1:]
         else:
-            header = memoryview(payload)[:_HEADER_BYTES]
-            body_data = memoryview(payload)[_HEADER_BYTES:]
+            view = memoryview(payload)
+            header, body_data = view[:_HEADER_BYTES], view[_HEADER_BYTES:]
         try:
             body = _loads(body_data)
         except Exception as exc:

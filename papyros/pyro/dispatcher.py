@@ -416,11 +416,12 @@ def _calls(units: list[Encoded]) -> Iterator[list[list[Any]]]:
     batch: list[list[Any]] = []
     size = 0
     for payload, ntasks in units:
-        if batch and size + payload_size(payload) > CALL_BYTES:
+        unit_bytes = payload_size(payload)
+        if batch and size + unit_bytes > CALL_BYTES:
             yield batch
             batch, size = [], 0
         batch.append([payload, ntasks])
-        size += payload_size(payload)
+        size += unit_bytes
     if batch:
         yield batch
 
