@@ -394,19 +394,5 @@ class _Outcomes(Iterator[Any]):
         self._index = index + 1
         error = self._errors.get(index)
         if error is not None:
-            raise _raisable(error)
+            raise error
         return self._values[index]
-
-
-def _raisable(error: BaseException) -> BaseException:
-    """What to raise at the consumer for a task's exception.
-
-    A task's StopIteration, raised as it is, would end the consumer's loop and
-    lose the results after it: it becomes a RuntimeError, as in a generator
-    (PEP 479).
-    """
-    if isinstance(error, StopIteration):
-        wrapped = RuntimeError("a task raised StopIteration")
-        wrapped.__cause__ = error
-        return wrapped
-    return error

@@ -230,10 +230,12 @@ class TaskQueue(Closing):
         return self._ready.popleft()
 
 
-def _check_iteration(timeout: float | None, chunksize: int) -> None:
+def _check_iteration(timeout: float | None, ordered: bool, chunksize: int) -> None:
     """Validate the options of ``execute`` and ``map``."""
     if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
         raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
+    if not isinstance(ordered, bool):  # ordered="no" would be true.
+        raise TypeError(f"ordered must be True or False, not {ordered!r}")
     deadline_after(timeout)
 
 
@@ -327,10 +329,11 @@ class TaskDispatcher(Closing, ABC):
             cancels the tasks it has pending.
 
         Raises:
+            TypeError: ``ordered`` is not a bool.
             ValueError: ``chunksize`` < 1, or a negative ``timeout`` or ``qsize``.
             ClosedTaskDispatcherError: the dispatcher is closed.
         """
-        _check_iteration(timeout, chunksize)
+        _check_iteration(timeout, ordered, chunksize)
         return self._iterate(iter(tasks), timeout, ordered, chunksize, qsize)
 
     def map(
@@ -363,14 +366,15 @@ class TaskDispatcher(Closing, ABC):
             An iterator of results, as :meth:`execute` returns.
 
         Raises:
-            TypeError: ``task_type`` is not callable, or no iterable is given.
+            TypeError: ``task_type`` is not callable, no iterable is given, or
+                ``ordered`` is not a bool.
             ValueError: ``chunksize`` < 1, or a negative ``timeout`` or ``qsize``.
             ClosedTaskDispatcherError: the dispatcher is closed.
         """
         task_type = _task_type_of(task_type)
         if not iterables:
             raise TypeError("map() needs at least one iterable of arguments")
-        _check_iteration(timeout, chunksize)
+        _check_iteration(timeout, ordered, chunksize)
         # One iterable: each item is the only argument, no tuple needed. Several: paired
         # as the builtin map() pairs them, up to the shortest.
         single = len(iterables) == 1

@@ -9,7 +9,7 @@ import itertools
 import math
 import traceback
 from collections.abc import Callable, Iterator
-from itertools import repeat, starmap
+from itertools import repeat
 from operator import attrgetter, countOf
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
@@ -135,7 +135,8 @@ class Task:
             return (True, self._execute(*self.args, **self.kwargs))
         except BaseException as exc:
             _check_escaping(exc, escaping)
-            return (False, type(self)._annotate(exc, self.args, self.kwargs, self))
+            error = _stopped(exc) if isinstance(exc, StopIteration) else exc
+            return (False, type(self)._annotate(error, self.args, self.kwargs, self))
 
     @classmethod
     def _annotate(
@@ -179,7 +180,7 @@ class Task:
 
         The same as making each task and calling its ``_run``, without making
         the tasks when the class wraps a plain function (a chunk's fast path:
-        the calls run in a C loop that is resumed after a task that raises).
+        the calls run in one generator, resumed after a task that raises).
         With ``single``, ``args_list`` holds each task's only argument, bare.
         A task's exception is its outcome, unless it is not an ``Exception``
         (SystemExit, KeyboardInterrupt...) and is one of ``escaping``: that one
@@ -193,22 +194,33 @@ class Task:
         plain = isinstance(function, staticmethod) and cls._execute is function.__func__
         execute: Callable[..., Any] = cls._execute
         if plain and kwargs_list is None:
-            # map and starmap take the next arguments on each call, so after a task
-            # raised, extending again goes on with the task after it.
-            calls = map(execute, args_list) if single else starmap(execute, args_list)
+            # The calls run in a generator rather than in map(), for two reasons: a
+            # task's StopIteration comes out of it as a RuntimeError (PEP 479), where
+            # extend() would take it for the end of the calls; and after a task
+            # raised, a new generator over ``todo`` goes on with the task after it.
+            todo = iter(args_list)
             while True:
+                calls = (
+                    (execute(args) for args in todo)
+                    if single
+                    else (execute(*args) for args in todo)
+                )
                 try:
                     values.extend(calls)
+                    return values, errors
                 except BaseException as exc:
                     _check_escaping(exc, escaping)
                     error: BaseException = exc
-                else:
-                    if len(values) == len(args_list):
-                        return values, errors
-                    # extend() took a task's StopIteration for the end of the calls, and
-                    # swallowed it: as a generator does (PEP 479), it is a RuntimeError.
-                    error = RuntimeError("the task raised StopIteration")
                 index = len(values)
+                tb = error.__traceback__
+                stop = error.__cause__
+                if tb is not None and tb.tb_next is None and isinstance(stop, StopIteration):
+                    # Raised here, by the generator that ended: a task raised StopIteration.
+                    error = _stopped(stop)
+                elif tb is not None and tb.tb_next is not None:
+                    # Raised in a task: its traceback goes on from the generator's frame,
+                    # which stands for Task._run's (the frame that _annotate skips).
+                    error = error.with_traceback(tb.tb_next)  # Past any __setattr__.
                 args = (args_list[index],) if single else args_list[index]
                 errors[index] = cls._annotate(error, args, {})
                 values.append(None)
@@ -221,7 +233,8 @@ class Task:
                     values.append(execute(*args, **kwargs))
                 except BaseException as exc:
                     _check_escaping(exc, escaping)
-                    errors[index] = cls._annotate(exc, args, kwargs)
+                    error = _stopped(exc) if isinstance(exc, StopIteration) else exc
+                    errors[index] = cls._annotate(error, args, kwargs)
                     values.append(None)
             else:
                 ok, value = cls(*args, **kwargs)._run(escaping)
@@ -299,6 +312,22 @@ def _attach(exc: BaseException, name: str, value: Any) -> None:
     dataclass does); one that cannot take it at all (a read-only property) goes without."""
     with contextlib.suppress(Exception):
         object.__setattr__(exc, name, value)
+
+
+def _stopped(stop: StopIteration) -> RuntimeError:
+    """The outcome of a task that raised ``stop``: a RuntimeError, as in a generator (PEP 479).
+
+    Raised as it is, a task's StopIteration would end the loop of whoever takes the
+    task's outcome, and lose the results after it."""
+    error = RuntimeError("the task raised StopIteration")
+    error.__cause__ = stop
+    # Both tracebacks start where the task's own code does: the RuntimeError's as any
+    # task's exception's (from the frame that ran the task, which _annotate skips), and
+    # its cause's, shown whole in the RuntimeError's, one frame further.
+    tb = stop.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        stop.with_traceback(tb.tb_next)
+    return error.with_traceback(tb)
 
 
 def _check_escaping(error: BaseException, escaping: ExceptionTypes) -> None:

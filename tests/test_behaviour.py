@@ -6,6 +6,7 @@ import gc
 import itertools
 import os
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -205,6 +206,36 @@ def test_a_task_raising_stop_iteration_ends_no_iteration(
     assert looped == [0, 1]
 
 
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_a_task_raising_stop_iteration_fails_alike_everywhere(
+    dispatcher: papyros.TaskDispatcher, chunksize: int
+) -> None:
+    # Every way of taking the outcome gets the same error, with the StopIteration's
+    # traceback (from the task's own code) in its chain.
+    def check(error: BaseException) -> None:
+        assert type(error) is RuntimeError
+        assert str(error) == "the task raised StopIteration"
+        chain = "".join(traceback.format_exception(error))
+        assert "StopIteration: 2" in chain
+        assert "in stop_at" in chain
+
+    queue = dispatcher.make_queue()
+    queue.push(stop_at(2, 2))
+    with pytest.raises(RuntimeError) as popped:
+        queue.pop(timeout=30)
+    check(popped.value)
+    queue.close()
+    for results in (
+        dispatcher.execute([stop_at(i, 2) for i in range(4)], ordered=True, chunksize=chunksize),
+        dispatcher.map(stop_at, range(4), itertools.repeat(2), ordered=True, chunksize=chunksize),
+    ):
+        assert [next(results), next(results)] == [0, 1]
+        with pytest.raises(RuntimeError) as raised:
+            next(results)
+        check(raised.value)
+        assert list(results) == [3]
+
+
 @pytest.mark.parametrize("chunksize", [1, 5])
 def test_task_and_traceback_attributes_reach_the_client(
     dispatcher: papyros.TaskDispatcher, chunksize: int
@@ -400,6 +431,8 @@ def test_execute_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> No
         dispatcher.execute([], timeout=-1)
     with pytest.raises(ValueError, match="timeout"):
         dispatcher.execute([], timeout=float("nan"))
+    with pytest.raises(TypeError, match="ordered must be True or False, not 'no'"):
+        dispatcher.execute([], ordered="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         dispatcher.execute(42)  # type: ignore[arg-type]
     with dispatcher.make_queue() as queue:
@@ -523,6 +556,8 @@ def test_map_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> None:
         dispatcher.map(square)
     with pytest.raises(ValueError, match="chunksize"):
         dispatcher.map(square, [1], chunksize=0)
+    with pytest.raises(TypeError, match="ordered must be True or False"):
+        dispatcher.map(square, [1], ordered=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         dispatcher.map(square, 42)  # type: ignore[arg-type]
     assert dispatcher.num_queues() == 0
