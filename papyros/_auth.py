@@ -3,8 +3,8 @@
 An authenticated client can run any code on every worker of its group, so
 authentication is always on. The secret is read from, in order:
 
-1. the ``PAPYROS_SECRET`` environment variable;
-2. a file given explicitly (``--secret-file``);
+1. a file given explicitly (``--secret-file``);
+2. the ``PAPYROS_SECRET`` environment variable;
 3. a per-user file, ``$XDG_CONFIG_HOME/papyros/secret`` (default
    ``~/.config/papyros/secret``), created with mode 0600 on first use.
 
@@ -48,19 +48,19 @@ def default_secret_path() -> Path:
 
 
 def load_secret(secret_file: str | os.PathLike[str] | None = None) -> bytes:
-    """The shared secret: from the environment, ``secret_file``, or the per-user file.
+    """The shared secret: from ``secret_file``, the environment, or the per-user file.
 
     Raises:
         ConfigurationError: the secret is too short, or the file cannot be read.
     """
     value = os.environ.get(SECRET_ENV)
-    if value:
+    if value and not secret_file:
         source = f"${SECRET_ENV}"
         secret = value.encode()
     else:
         path = Path(secret_file) if secret_file else default_secret_path()
         source = str(path)
-        if secret_file is None and not path.exists():
+        if not secret_file and not path.exists():
             _create_secret_file(path)
         try:
             secret = path.read_bytes().strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 #: The longest one wait blocks before its caller looks at the deadline again: the
@@ -37,3 +38,21 @@ def check_size(size: int, name: str = "size") -> int:
     if size < 0:
         raise ValueError(f"{name} must be >= 0 (0 means no bound), not {size}")
     return size
+
+
+def check_duration(value: float, name: str) -> float:
+    """Validate a length of time: a positive, finite number of seconds, no longer than a
+    thread may wait at once (``threading.TIMEOUT_MAX``).
+
+    Raises:
+        TypeError: ``value`` is not a number.
+        ValueError: ``value`` is not positive, or NaN, infinite or too long.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    if not 0 < value <= threading.TIMEOUT_MAX:  # Also refuses NaN, which no comparison holds for.
+        raise ValueError(
+            f"{name} must be a positive, finite number of seconds "
+            f"(at most {threading.TIMEOUT_MAX:.0f}), not {value!r}"
+        )
+    return float(value)

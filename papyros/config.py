@@ -63,6 +63,11 @@ class Config:
             --size``, ``start-papyros workers -n``).
         ns_host: the name server host (remote backends); empty: Pyro5's own.
         ns_port: the name server port (remote backends); 0: Pyro5's own.
+        secret_file: the file of the shared secret (remote backends); empty:
+            ``$PAPYROS_SECRET``, else the per-user file.
+        tls_cert, tls_key, tls_ca: PEM files of the certificate, its private key
+            and the CA bundle that peers are verified with (remote backends);
+            a certificate turns TLS on. Empty: no TLS.
     """
 
     backend: str = DEFAULT_BACKEND
@@ -74,6 +79,10 @@ class Config:
     group: str = "default"
     ns_host: str = ""
     ns_port: int = 0
+    secret_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def replace(self, source: str, values: Mapping[str, Any]) -> Config:
         """A copy with ``values`` applied; ``source`` names them in error messages."""

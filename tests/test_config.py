@@ -30,6 +30,16 @@ def test_priority_file_then_environment_then_arguments(tmp_path: Path) -> None:
     assert (config.backend, config.workers) == ("dummy", 9)
 
 
+def test_the_secret_and_tls_files_are_settings_and_the_secret_is_not(tmp_path: Path) -> None:
+    (tmp_path / "papyros.toml").write_text('tls_cert = "cert.pem"\ntls_key = "key.pem"\n')
+    env = {"PAPYROS_TLS_KEY": "other.pem", "PAPYROS_SECRET_FILE": "secret", "PAPYROS_SECRET": "x"}
+    config = load_config(tmp_path, environ=env)
+    assert (config.tls_cert, config.tls_key, config.tls_ca) == ("cert.pem", "other.pem", "")
+    # $PAPYROS_SECRET is the secret itself, read where it is used, never a setting.
+    assert config.secret_file == "secret"
+    assert not hasattr(config, "secret")
+
+
 def test_pyproject_table(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.papyros]\nsize = 4\n')
     assert load_config(tmp_path, environ={}).size == 4

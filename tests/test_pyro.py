@@ -5,6 +5,7 @@ The contract itself is checked by the behaviour suite, on every backend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing
 import os
@@ -123,6 +124,17 @@ def test_kill_9_of_a_worker_mid_task_loses_no_result(pyro_cluster: Cluster, tmp_
         assert sorted(queue.pop(timeout=30) for _ in range(6)) == list(range(6))
         # The killed worker is replaced.
         wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="a replacement worker")
+
+
+@pytest.mark.parametrize("lease", [float("nan"), float("inf"), 1e300, 0, -1.0])
+def test_a_lease_that_is_no_duration_is_refused_by_the_constructors(lease: float) -> None:
+    # Refused before anything starts: a lease of NaN or inf would have a thread spin or die.
+    with pytest.raises(ValueError, match="lease must be a positive, finite number of seconds"):
+        papyros.PyroTaskDispatcher(lease=lease, register=False)
+    with pytest.raises(ValueError, match="lease must be a positive, finite number of seconds"):
+        WorkerOptions(lease=lease)
+    with pytest.raises(TypeError, match="lease must be a number of seconds"):
+        WorkerOptions(lease="10")  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="vouching reads /proc")
@@ -424,12 +436,50 @@ def test_a_task_or_result_over_the_message_cap_is_that_task_s_error(
             except StopIteration:
                 break
         assert outcomes == [1, "bigger than a message", "bigger than a message", 4]
+        # In a chunk, only the results that do not fit fail: the biggest first, then as
+        # many as the rest of the chunk's need to fit in one message.
+        half = 3 * 1024 * 1024
+        chunk = [square(1), call(bytes, too_big), call(bytes, half), call(bytes, half), square(2)]
+        outcomes.clear()
+        results = dispatcher.execute(chunk, ordered=True, chunksize=5)
+        for _ in chunk:  # Each task has one outcome.
+            try:
+                outcome = next(results)
+            except papyros.SerializationError as exc:
+                why = str(exc) if "max-message-size" in str(exc) else "another reason"
+                outcomes.append("with the rest" if "with the rest of" in why else why[:40])
+            else:
+                outcomes.append(len(outcome) if isinstance(outcome, bytes) else outcome)
+        alone = "the result of this task pickles to 6,291"
+        assert outcomes == [1, alone, "with the rest", half, 4]
         assert worker_pids(dispatcher) == workers  # No worker was lost over it.
 
 
 def test_bad_worker_counts_fail_in_one_line() -> None:
     _one_line_failure(_run("workers", "-n", "0"), "at least 1")
     _one_line_failure(_run("workers", "-n", "abc"), "'abc'")
+
+
+def test_a_tls_file_that_cannot_be_read_fails_in_one_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    for args in (["nameserver", "--port", "0"], ["dispatcher"], ["workers", "-n", "1"], ["status"]):
+        done = _run(*args, "--tls-cert", missing, timeout=30)
+        _one_line_failure(done, f"cannot read the TLS certificate {missing}")
+    with pytest.raises(papyros.ConfigurationError, match=f"TLS CA bundle {missing}"):
+        papyros.get_dispatcher("pyro", tls_ca=missing)
+
+
+def test_tls_is_off_again_when_the_next_connection_has_no_tls_files(tmp_path: Path) -> None:
+    from Pyro5 import config as pyro_config
+
+    from papyros.pyro._common import configure_pyro
+
+    cert = tmp_path / "cert.pem"
+    cert.write_text("a certificate\n")  # Only read when a connection is made.
+    configure_pyro(tls_cert=str(cert))
+    assert pyro_config.SSL
+    configure_pyro()
+    assert not pyro_config.SSL
 
 
 def test_a_port_in_use_fails_in_one_line(pyro_cluster: Cluster) -> None:
@@ -454,8 +504,10 @@ def test_an_unreachable_name_server_fails_in_one_line() -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
-    _one_line_failure(_run("dispatcher", "--ns-port", str(port)), "name server", str(port))
-    _one_line_failure(_run("status", "--ns-port", str(port)), "name server")
+    # Where it was looked for, with Pyro5's default host filled in.
+    where = f"name server at localhost:{port}"
+    _one_line_failure(_run("dispatcher", "--ns-port", str(port)), where)
+    _one_line_failure(_run("status", "--ns-port", str(port)), where)
     start = time.monotonic()
     with pytest.raises(papyros.CommunicationError, match="name server"):
         papyros.get_dispatcher("pyro", ns_port=port)
@@ -569,6 +621,19 @@ def test_workers_stop_cleanly_when_their_whole_process_group_gets_sigterm(
     assert "Traceback" not in errors.read_text(), errors.read_text()
 
 
+def test_workers_that_stop_cleanly_are_logged_as_stopped_not_lost(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("tidy")
+    workers = pyro_cluster.start_workers("tidy", 2)
+    with client(pyro_cluster, "tidy") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 2, what="both workers to join")
+        stop(workers)  # SIGTERM to the manager, as a service manager stops it.
+        wait_until(lambda: not worker_pids(dispatcher), what="both workers to leave")
+    logs = pyro_cluster.logs()
+    assert logs.count("; 0 of its units were dispatched again") == 2, logs
+    assert logs.count(" stopped; 0 of its units") == 2, logs
+    assert "lost its connection" not in logs, logs
+
+
 def test_a_worker_stops_at_its_first_sigterm_and_exits_cleanly_despite_more(
     pyro_cluster: Cluster, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -596,6 +661,23 @@ def test_a_worker_stops_at_its_first_sigterm_and_exits_cleanly_despite_more(
     err = capfd.readouterr().err
     assert worker.exitcode == 0, err
     assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("piece", ["dispatcher", "workers"])
+def test_a_command_stops_cleanly_however_often_it_is_interrupted(
+    pyro_cluster: Cluster, piece: str
+) -> None:
+    process, _ = pyro_cluster.start_dispatcher("hasty")
+    if piece == "workers":
+        process = pyro_cluster.start_workers("hasty", 1)
+    # Ctrl-C after Ctrl-C until it is gone: they land everywhere on its way out.
+    deadline = time.monotonic() + 15
+    while process.poll() is None and time.monotonic() < deadline:
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(0.002)
+    assert stop(process) == 0, pyro_cluster.logs()
+    assert "Traceback" not in pyro_cluster.logs(), pyro_cluster.logs()
 
 
 # ------------------------------------------------------------ the README and TLS
@@ -672,6 +754,18 @@ with papyros.PyroTaskDispatcher.get_proxy(
 """
 
 
+CONFIGURED_CLIENT = """
+import sys, papyros
+from tests.tasks import hold_gil, square
+with papyros.get_dispatcher(group="tls") as dispatcher:
+    print(sum(dispatcher.execute(square(i) for i in range(100))))
+    # Three leases long: the workers' manager vouches for its worker, over TLS too.
+    queue = dispatcher.make_queue()
+    queue.push(hold_gil(3, sys.argv[1]))
+    assert queue.pop(timeout=60) == 3
+"""
+
+
 def test_tls_by_the_documented_recipe(tmp_path: Path) -> None:
     recipe = _blocks((REPO / "docs" / "distributed.md").read_text(), "sh")[0]
     openssl = " ".join(line.rstrip("\\").strip() for line in recipe[:3])
@@ -685,12 +779,18 @@ def test_tls_by_the_documented_recipe(tmp_path: Path) -> None:
     cert, key = str(tmp_path / "papyros-cert.pem"), str(tmp_path / "papyros-key.pem")
     tls = ["--tls-cert", cert, "--tls-key", key, "--tls-ca", cert]
     env = environment()
+    # The same files as settings of the configuration, instead of options or arguments.
+    configured = {**env, "PAPYROS_TLS_CERT": cert, "PAPYROS_TLS_KEY": key, "PAPYROS_TLS_CA": cert}
     processes: list[subprocess.Popen[str]] = []
 
-    def start(*args: str) -> subprocess.Popen[str]:
+    def start(*args: str, options: list[str] = tls) -> subprocess.Popen[str]:
         with (tmp_path / f"{len(processes)}.log").open("w") as log:
             process = subprocess.Popen(
-                command(*args, *tls), stdout=subprocess.PIPE, stderr=log, text=True, env=env
+                command(*args, *options),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env if options else configured,
             )
         processes.append(process)
         return process
@@ -698,9 +798,10 @@ def test_tls_by_the_documented_recipe(tmp_path: Path) -> None:
     try:
         ns = start("nameserver", "--port", "0")
         port = read_line(ns, r"@127\.0\.0\.1:(\d+)", 30).group(1)
-        read_line(start("dispatcher", "--group", "tls", "--ns-port", port), "ready at", 30)
-        read_line(start("workers", "-n", "1", "--group", "tls", "--ns-port", port), "workers", 30)
-        done = subprocess.run(
+        group = ["--group", "tls", "--ns-port", port, "--lease", "1"]
+        read_line(start("dispatcher", *group), "ready at", 30)
+        read_line(start("workers", "-n", "1", *group, options=[]), "workers", 30)
+        by_code = subprocess.run(
             [sys.executable, "-c", TLS_CLIENT, cert, key, port],
             cwd=REPO,
             capture_output=True,
@@ -708,8 +809,18 @@ def test_tls_by_the_documented_recipe(tmp_path: Path) -> None:
             env=env,
             timeout=120,
         )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == str(sum(i * i for i in range(100)))
+        by_configuration = subprocess.run(
+            [sys.executable, "-c", CONFIGURED_CLIENT, str(tmp_path / "runs")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**configured, "PAPYROS_BACKEND": "pyro", "PAPYROS_NS_PORT": port},
+            timeout=120,
+        )
+        for done in (by_code, by_configuration):
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == str(sum(i * i for i in range(100)))
+        assert len(pids_in(tmp_path / "runs")) == 1  # Not taken for dead and run again.
         # Without TLS, nobody gets in: not even to the name server.
         with pytest.raises(papyros.CommunicationError):
             papyros.get_dispatcher("pyro", group="tls", ns_port=int(port))

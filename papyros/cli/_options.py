@@ -88,19 +88,36 @@ def add_group_options(parser: Any) -> None:
     )
     parser.add_argument(
         "--secret-file",
-        help="the shared secret's file (default: $PAPYROS_SECRET, else ~/.config/papyros/secret)",
+        help="the shared secret's file (default: $PAPYROS_SECRET_FILE or papyros.toml's, "
+        "else $PAPYROS_SECRET, else ~/.config/papyros/secret)",
     )
-    parser.add_argument("--tls-cert", default="", help="PEM certificate: enables TLS")
-    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-ca", default="", help="PEM CA bundle to verify peers with")
+    parser.add_argument(
+        "--tls-cert",
+        help="PEM certificate: enables TLS (default: $PAPYROS_TLS_CERT or papyros.toml's)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        help="PEM private key of --tls-cert (default: $PAPYROS_TLS_KEY or papyros.toml's)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        help="PEM CA bundle to verify peers with (default: $PAPYROS_TLS_CA or papyros.toml's)",
+    )
+
+
+# The options of add_group_options that are settings of the configuration too.
+_CONFIGURED = ("group", "ns_host", "ns_port", "secret_file", "tls_cert", "tls_key", "tls_ca")
 
 
 def apply_configuration(args: argparse.Namespace) -> None:
-    """Give --group, --ns-host and --ns-port not on the command line their configured values.
+    """Give the options of :func:`add_group_options` not on the command line their
+    configured values.
 
     Raises:
         ConfigurationError: a bad papyros.toml, pyproject.toml or PAPYROS_*
             variable; the message names which.
     """
-    config = load_config(group=args.group, ns_host=args.ns_host, ns_port=args.ns_port)
-    args.group, args.ns_host, args.ns_port = config.group, config.ns_host, config.ns_port
+    config = load_config(**{name: getattr(args, name) for name in _CONFIGURED})
+    for name in _CONFIGURED:
+        setattr(args, name, getattr(config, name))
+    args.secret_file = args.secret_file or None

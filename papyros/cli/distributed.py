@@ -124,6 +124,13 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _ignore_interrupts() -> None:
+    """While the command stops (in bounded time), more Ctrl-Cs or SIGTERMs would only
+    break its clean-up with a traceback: they are ignored from now on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run_dispatcher(args: argparse.Namespace) -> int:
     try:
         apply_configuration(args)
@@ -150,12 +157,14 @@ def run_dispatcher(args: argparse.Namespace) -> int:
     except (PapyrosError, ImportError, ValueError, OSError) as exc:
         return _fail("dispatcher", exc)
     _stop_on_sigterm()
-    print(f"papyros dispatcher of group {args.group!r} ready at {dispatcher.uri}", flush=True)
     try:
+        # Said inside the try: a Ctrl-C as soon as it is said stops the dispatcher cleanly.
+        print(f"papyros dispatcher of group {args.group!r} ready at {dispatcher.uri}", flush=True)
         dispatcher.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        _ignore_interrupts()
         dispatcher.close()
     return 0
 
@@ -167,9 +176,12 @@ def run_workers(args: argparse.Namespace) -> int:
         apply_configuration(args)
         setup_logging(args.log_level, args.log_file)
         from papyros._auth import load_secret
+        from papyros.pyro._common import configure_pyro
         from papyros.pyro.worker import WorkerOptions, vouch_for, worker_main
 
-        load_secret(args.secret_file)  # Fail now, not in every worker.
+        # Fail now, not in every worker.
+        load_secret(args.secret_file)
+        configure_pyro(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     except (PapyrosError, ImportError, ValueError, OSError) as exc:
         return _fail("workers", exc)
     options = WorkerOptions(
@@ -200,10 +212,10 @@ def run_workers(args: argparse.Namespace) -> int:
     # others are filled at once.
     quick_deaths: dict[int, int] = {}
     respawn_at: dict[int, float] = {}
-    print(f"papyros: starting {count} workers for group {args.group!r}", flush=True)
     _stop_on_sigterm()
     voucher.start()
     try:
+        print(f"papyros: starting {count} workers for group {args.group!r}", flush=True)
         while True:
             now = time.monotonic()
             for slot in range(count):
@@ -249,6 +261,7 @@ def run_workers(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        _ignore_interrupts()
         vouch_stop.set()
         _stop_processes([process for process, _ in workers.values()])
         for reader in reports:
@@ -275,11 +288,14 @@ def run_nameserver(args: argparse.Namespace) -> int:
         import Pyro5.nameserver  # Reads the PYRO_* variables: a bad one is a ValueError.
 
         from papyros.pyro._common import configure_pyro
+
+        configure_pyro(
+            server=True, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca
+        )
     except ImportError:
         return _fail("nameserver", "needs Pyro5: pip install 'papyros[pyro]'")
-    except (ValueError, OSError) as exc:
+    except (PapyrosError, ValueError, OSError) as exc:
         return _fail("nameserver", exc)
-    configure_pyro(server=True, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     port = Pyro5.config.NS_PORT if args.port is None else args.port  # $PYRO_NS_PORT, else 9090.
     try:
         uri, daemon, _ = Pyro5.nameserver.start_ns(args.host, port, enableBroadcast=False)

@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Pyro5
     raise ImportError("the distributed backend needs Pyro5: pip install 'papyros[pyro]'") from exc
 
 from papyros import _auth
-from papyros.errors import AuthenticationError, CommunicationError
+from papyros.errors import AuthenticationError, CommunicationError, ConfigurationError
 
 __all__ = [
     "LONG_POLL",
@@ -29,6 +29,7 @@ __all__ = [
     "keep_freed_buffers",
     "locate_dispatcher",
     "locate_ns",
+    "name_server_address",
 ]
 
 log = logging.getLogger("papyros.pyro")
@@ -79,7 +80,22 @@ def configure_pyro(
     tls_ca: str = "",
     server: bool = False,
 ) -> None:
-    """Apply papyros's Pyro5 settings to this process (Pyro5's configuration is global)."""
+    """Apply papyros's Pyro5 settings to this process (Pyro5's configuration is global).
+
+    TLS is on when a certificate or a CA bundle is given, and off otherwise.
+
+    Raises:
+        ConfigurationError: a TLS file that cannot be read.
+    """
+    for what, path in (("certificate", tls_cert), ("private key", tls_key), ("CA bundle", tls_ca)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot read the TLS {what} {path}: {exc.strerror or exc}"
+                ) from None
     pyro_config.SERIALIZER = SERIALIZER
     pyro_config.MAX_MESSAGE_SIZE = max_message_size
     pyro_config.SOCK_NODELAY = True
@@ -97,6 +113,8 @@ def configure_pyro(
             pyro_config.SSL_SERVERKEY = tls_key
             # With a CA to check them against, peers must show certificates too.
             pyro_config.SSL_REQUIRECLIENTCERT = bool(tls_ca)
+    else:
+        pyro_config.SSL = False
 
 
 def keep_freed_buffers() -> None:
@@ -143,6 +161,12 @@ def locate_ns(ns_host: str = "", ns_port: int = 0) -> Any:
     return proxy
 
 
+def name_server_address(ns_host: str = "", ns_port: int = 0) -> str:
+    """Where the name server is looked for: ``host:port``, Pyro5's own configuration
+    filling in what is not given."""
+    return f"{ns_host or pyro_config.NS_HOST}:{ns_port or pyro_config.NS_PORT}"
+
+
 def locate_dispatcher(group: str, ns_host: str = "", ns_port: int = 0) -> str:
     """Find the URI of the dispatcher of ``group`` through the name server.
 
@@ -150,7 +174,7 @@ def locate_dispatcher(group: str, ns_host: str = "", ns_port: int = 0) -> str:
         CommunicationError: the name server is unreachable, or no dispatcher
             of that group is registered.
     """
-    where = f"{ns_host or pyro_config.NS_HOST}:{ns_port or pyro_config.NS_PORT}"
+    where = name_server_address(ns_host, ns_port)
     try:
         with locate_ns(ns_host, ns_port) as ns:
             return str(ns.lookup(dispatcher_name(group)))
@@ -317,6 +341,8 @@ class Peer:
         self._role = role
         self._session = session
         self._proxy: _AuthenticatingProxy | None = None
+        #: Seconds on top of a call's own wait before its socket times out (connecting too).
+        self.slack = CALL_SLACK
         # The socket timeout of the current proxy.
         self._timeout = CALL_SLACK
         self.incarnation = ""
@@ -338,7 +364,7 @@ class Peer:
         self.close()
         self._check_not_shut()
         proxy = _AuthenticatingProxy(self.uri, self._secret)
-        proxy._pyroTimeout = self._timeout = CALL_SLACK
+        proxy._pyroTimeout = self._timeout = self.slack
         try:
             proxy._pyroBind()
             proof = _auth.prove(
@@ -383,7 +409,7 @@ class Peer:
             self.connect()
         proxy = self._proxy
         assert proxy is not None
-        timeout = wait + CALL_SLACK
+        timeout = wait + self.slack
         if timeout != self._timeout:
             proxy._pyroTimeout = self._timeout = timeout
         try:

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from papyros._auth import load_secret
+from papyros._deadline import check_duration
 from papyros.config import Config
 from papyros.dispatcher import QueueLink, TaskDispatcher
 from papyros.dispatchers._local import CoreDispatcher
@@ -48,6 +49,7 @@ from papyros.pyro._common import (
     configure_pyro,
     locate_dispatcher,
     log,
+    name_server_address,
 )
 from papyros.pyro.server import (
     DEFAULT_LEASE,
@@ -108,8 +110,7 @@ class PyroTaskDispatcher(CoreDispatcher):
         tls_key: str = "",
         tls_ca: str = "",
     ) -> None:
-        if lease <= 0:
-            raise ValueError(f"lease must be > 0 seconds, not {lease}")
+        lease = check_duration(lease, "lease")
         secret = load_secret(secret_file)
         configure_pyro(
             server=True,
@@ -139,7 +140,7 @@ class PyroTaskDispatcher(CoreDispatcher):
             except Exception as exc:
                 self._daemon.close()
                 self._scheduler.close()
-                where = f"{ns_host or 'PYRO_NS_HOST'}:{ns_port or 'PYRO_NS_PORT'}"
+                where = name_server_address(ns_host, ns_port)
                 raise CommunicationError(
                     f"cannot register in the Pyro5 name server at {where}: {exc}; start one "
                     "with 'start-papyros nameserver' or pass --ns-host/--ns-port"
@@ -184,7 +185,15 @@ class PyroTaskDispatcher(CoreDispatcher):
 
     @classmethod
     def from_config(cls, config: Config) -> TaskDispatcher:
-        return cls.get_proxy(config.group, ns_host=config.ns_host, ns_port=config.ns_port)
+        return cls.get_proxy(
+            config.group,
+            ns_host=config.ns_host,
+            ns_port=config.ns_port,
+            secret_file=config.secret_file or None,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_ca=config.tls_ca,
+        )
 
     def serve_forever(self) -> None:
         """Block until the dispatcher is closed (from another thread or a signal)."""

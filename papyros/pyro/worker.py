@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from papyros._auth import load_secret
+from papyros._deadline import check_duration
 from papyros.errors import AuthenticationError, PapyrosError, SerializationError
 from papyros.pyro._common import (
     CALL_BYTES,
@@ -64,6 +65,9 @@ _MAX_WANT = 256
 # Finished outcomes go back at once when a batch has run for this long.
 _FLUSH_AFTER = 0.1
 
+# The longest a stopping worker spends telling its dispatcher that it stops.
+_GOODBYE_SLACK = 2.0
+
 # Backoff between connection attempts, in seconds.
 _FIRST_BACKOFF = 0.2
 _MAX_BACKOFF = 10.0
@@ -92,7 +96,7 @@ class WorkerOptions:
         self.ns_host = ns_host
         self.ns_port = ns_port
         self.secret_file = secret_file
-        self.lease = lease
+        self.lease = check_duration(lease, "lease")
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.tls_ca = tls_ca
@@ -205,20 +209,49 @@ class _RemoteCodec(PickleCodec):
             return self.unreadable_unit(exc, self._source.current_ntasks())
 
     def encode_results(self, values: list[Any], errors: dict[int, BaseException]) -> Any:
-        outcome = super().encode_results(values, errors)
+        encode = super().encode_results
+        outcome = encode(values, errors)
         largest = self._source.largest_payload
         size = payload_size(outcome)
         if size <= largest:
             return outcome
-        # It could not reach the client: each task that did not fail says why, instead.
+        # They cannot reach the client together. The biggest results, one after the
+        # other, become errors that say why, until the rest fit.
+        sizes = {
+            index: payload_size(encode([value], {}))
+            for index, value in enumerate(values)
+            if index not in errors
+        }
+        failed: dict[int, BaseException] = {}
+        for index in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if size <= largest:
+                break
+            failed[index] = SerializationError(
+                f"the result of this task pickles to {sizes[index]:,} bytes; "
+                + (
+                    f"more than the {largest:,} a message to the dispatcher may carry"
+                    if sizes[index] > largest
+                    else f"with the rest of its unit's, more than the {largest:,} a message to "
+                    "the dispatcher may carry (use fewer tasks per chunk)"
+                )
+                + "; return less data per task, or raise the dispatcher's --max-message-size"
+            )
+            size -= sizes[index]
+        kept = [None if index in failed else value for index, value in enumerate(values)]
+        outcome = encode(kept, {**failed, **errors})
+        if payload_size(outcome) <= largest:
+            return outcome
+        # Still too big (the tasks' exceptions themselves, say): each task says why.
         failure = SerializationError(
-            f"the results of a unit of {len(values)} task(s) pickle to {size:,} bytes, "
-            f"more than the {largest:,} a message to the dispatcher may carry; return less "
-            "data per task (or use fewer tasks per chunk), or raise the dispatcher's "
-            "--max-message-size"
+            f"the results of a unit of {len(values)} task(s) pickle to more than the "
+            f"{largest:,} bytes a message to the dispatcher may carry; return less data per "
+            "task (or use fewer tasks per chunk), or raise the dispatcher's --max-message-size"
         )
-        too_big = {index: copy.copy(failure) for index in range(len(values))}
-        return super().encode_results([None] * len(values), {**too_big, **errors})
+        too_big: dict[int, BaseException] = {i: copy.copy(failure) for i in range(len(values))}
+        outcome = encode([None] * len(values), {**too_big, **errors})
+        if payload_size(outcome) <= largest:
+            return outcome
+        return encode([None] * len(values), too_big)
 
 
 def _heartbeat(peer: Peer, worker_id: str, interval: float, stop: threading.Event) -> None:
@@ -242,6 +275,7 @@ def run_worker(
     backoff = _FIRST_BACKOFF
     while not stop.is_set():
         peer: Peer | None = None
+        worker_id = ""
         beat_stop = threading.Event()
         beat: threading.Thread | None = None
         try:
@@ -266,6 +300,9 @@ def run_worker(
             # Whatever a task raises is its outcome, SystemExit included, as on the
             # other backends; only SIGTERM (_Terminated) stops the worker.
             work(source, _RemoteCodec(source), escaping=(_Terminated,))
+        except _Terminated:
+            stop.set()
+            raise
         except AuthenticationError as exc:
             log.error("worker refused: %s; retrying in %.1f s", exc, backoff)
         except (PapyrosError, LookupError, RuntimeError) as exc:
@@ -278,10 +315,23 @@ def run_worker(
             if beat is not None and beat.ident is not None:  # A SIGTERM may stop its start.
                 beat.join(LONG_POLL + 1)
             if peer is not None:
+                if worker_id and stop.is_set():
+                    _say_goodbye(peer, worker_id)
                 peer.close()
         if stop.wait(backoff):
             break
         backoff = min(backoff * 2, _MAX_BACKOFF)
+
+
+def _say_goodbye(peer: Peer, worker_id: str) -> None:
+    """Tell the dispatcher that this worker stops, so that it logs a stop, not a loss.
+
+    Best effort, and brief: its units go back to the dispatcher's queue either way."""
+    peer.slack = _GOODBYE_SLACK
+    try:
+        peer.call("unregister_worker", worker_id)
+    except (PapyrosError, LookupError, RuntimeError) as exc:
+        log.debug("could not tell the dispatcher that worker %s stops: %s", worker_id, exc)
 
 
 def vouch_for(options: WorkerOptions, workers: dict[int, str], stop: threading.Event) -> None:
@@ -297,6 +347,7 @@ def vouch_for(options: WorkerOptions, workers: dict[int, str], stop: threading.E
     """
     if not sys.platform.startswith("linux"):
         return
+    configure_pyro(tls_cert=options.tls_cert, tls_key=options.tls_key, tls_ca=options.tls_ca)
     secret = load_secret(options.secret_file)
     peer: Peer | None = None
     while not stop.wait(options.lease / 3):
