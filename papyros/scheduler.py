@@ -216,8 +216,19 @@ class Scheduler:
             self._close_queue(queue_id)
 
     def close_queue_soon(self, queue_id: int) -> None:
-        """Close a queue at the next locked call; safe from finalizers and signal handlers."""
+        """Close a queue now if the lock is free, else at the next locked call; safe from
+        finalizers and signal handlers.
+
+        They may run while this very thread holds the lock, so they only try to take
+        it. An idle dispatcher must not keep an abandoned queue's results until its
+        next call: they may be big.
+        """
         self._orphans.append(queue_id)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._reap_orphans()
+            finally:
+                self._lock.release()
 
     def num_queues(self) -> int:
         with self._lock:

@@ -35,11 +35,14 @@ Encoding rules, fastest first:
 
 from __future__ import annotations
 
+import collections
+import gc
 import pickle
 import reprlib
 import threading
 import traceback
 import types
+import weakref
 from typing import Any, TypeAlias
 
 from papyros.errors import RemoteTaskError, SerializationError
@@ -68,10 +71,12 @@ _SEARCH_BYTES = 1 << 16
 _COUNT_BYTES = 4
 _HEADER_BYTES = _COUNT_BYTES + 1
 
-# How many task classes a codec remembers (how each travels, or each rebuilt from its
-# by-value pickle) before it forgets them all: a program that maps many functions makes
-# a class for each, and they must not pile up.
+# A worker remembers the task classes it rebuilt from by-value pickles, so that the
+# units of one class rebuild it once, but a program that maps many lambdas or
+# closures makes a class for each, with what they capture: the least recently used
+# are forgotten past this many, or past this many bytes of pickles.
 _KNOWN_CLASSES = 1024
+_KNOWN_CLASS_BYTES = 64 * 2**20
 
 
 _short = reprlib.Repr()
@@ -331,10 +336,15 @@ class PickleCodec(Codec):
 
     def __init__(self, *, pieces: bool = False) -> None:
         self._dumps = _dumps_in_pieces if pieces else _dumps
-        # Client side: how each task class travels (itself, or its by-value pickle).
-        self._class_refs: dict[type, type | bytes] = {}
-        # Worker side: classes rebuilt from their by-value pickle, by that pickle.
-        self._classes: dict[bytes, type] = {}
+        # Client side: how each task class travels (itself, or its by-value pickle), for
+        # as long as the class lives.
+        self._class_refs: weakref.WeakKeyDictionary[type, type | bytes] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Worker side: classes rebuilt from their by-value pickle, by that pickle, the
+        # most recently used last, and the size of those pickles.
+        self._classes: collections.OrderedDict[bytes, type] = collections.OrderedDict()
+        self._classes_bytes = 0
 
     # ---------------------------------------------------------------- client side
 
@@ -384,8 +394,6 @@ class PickleCodec(Codec):
                 raise SerializationError(
                     f"cannot serialize the task class of {_short.repr(next(iter(tasks)))}: {exc}"
                 ) from exc
-        if len(self._class_refs) >= _KNOWN_CLASSES:
-            self._class_refs.clear()  # Classes made on the fly (map's) must not pile up.
         self._class_refs[cls] = ref
         return ref
 
@@ -419,15 +427,28 @@ class PickleCodec(Codec):
         if ref is None:
             tasks: list[Task] = body[1]
             return tasks
-        if isinstance(ref, bytes):
-            cls = self._classes.get(ref)
-            if cls is None:
-                if len(self._classes) >= _KNOWN_CLASSES:
-                    self._classes.clear()
-                cls = self._classes[ref] = pickle.loads(ref)
-        else:
-            cls = ref
+        cls = self._rebuilt_class(ref) if isinstance(ref, bytes) else ref
         return TaskBatch(cls, body[1], body[2], single=body[3])
+
+    def _rebuilt_class(self, ref: bytes) -> type:
+        """The class of a by-value pickle, rebuilt once while it is in use."""
+        classes = self._classes
+        cls: type | None = classes.get(ref)
+        if cls is not None:
+            classes.move_to_end(ref)
+            return cls
+        cls = pickle.loads(ref)
+        classes[ref] = cls
+        self._classes_bytes += len(ref)
+        if len(classes) > _KNOWN_CLASSES or self._classes_bytes > _KNOWN_CLASS_BYTES:
+            while len(classes) > 1 and (
+                len(classes) > _KNOWN_CLASSES // 2 or self._classes_bytes > _KNOWN_CLASS_BYTES // 2
+            ):
+                self._classes_bytes -= len(classes.popitem(last=False)[0])
+            # Classes live in reference cycles: only a full collection frees what they
+            # hold, and a worker that makes few objects may not run one for a long time.
+            gc.collect()
+        return cls
 
     @staticmethod
     def unreadable_unit(error: Exception, ntasks: int) -> list[Task]:

@@ -105,9 +105,23 @@ def work(source: WorkSource, codec: Codec, *, escaping: ExceptionTypes = BaseExc
     :func:`run_unit`): a worker thread or process passes ``()``, or the
     exception its own signal handler raises to stop it.
     """
-    while assignments := source.take():
-        # Iterate over the very list take() returned: a source may shorten it from
-        # finish() to hand back the units not started yet (the remote worker does).
-        for assignment in assignments:
-            if source.start(assignment):
-                source.finish(assignment, run_unit(assignment.payload, codec, escaping=escaping))
+    while _run_batch(source, codec, escaping):
+        pass
+
+
+def _run_batch(source: WorkSource, codec: Codec, escaping: ExceptionTypes) -> bool:
+    """Take units from ``source`` and run them; False if there were none (stop).
+
+    A function of its own so that, once it returns, nothing of the units it ran
+    (their tasks, a closure's class and what it holds) stays alive in the worker
+    while it waits for the next.
+    """
+    assignments = source.take()
+    if not assignments:
+        return False
+    # Iterate over the very list take() returned: a source may shorten it from
+    # finish() to hand back the units not started yet (the remote worker does).
+    for assignment in assignments:
+        if source.start(assignment):
+            source.finish(assignment, run_unit(assignment.payload, codec, escaping=escaping))
+    return True

@@ -256,3 +256,16 @@ class BrokenRun(papyros.Task):
 
     def _execute(self, x: int) -> int:
         return x
+
+
+class Unprintable:
+    """A value whose repr fails."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unprintable)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")

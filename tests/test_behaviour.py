@@ -532,19 +532,20 @@ def test_map_runs_plain_functions(dispatcher: papyros.TaskDispatcher, chunksize:
     assert issubclass(_task_type_of(cube), papyros.Task)
 
 
-def test_map_keeps_no_closure_alive() -> None:
+def test_map_keeps_no_closure_alive(dispatcher: papyros.TaskDispatcher) -> None:
     class Data:
         pass
 
-    def closure_over_data() -> tuple[Callable[[int], Data], weakref.ref[Data]]:
+    def closure_over_data() -> tuple[Callable[[int], int], weakref.ref[Data]]:
         data = Data()
-        return (lambda x: data), weakref.ref(data)
+        return (lambda x: x + isinstance(data, Data)), weakref.ref(data)
 
     uses_data, alive = closure_over_data()
     assert _task_type_of(uses_data) is not _task_type_of(uses_data)  # Made anew each time.
+    assert list(dispatcher.map(uses_data, [1, 2], ordered=True, chunksize=2)) == [2, 3]
     del uses_data
     gc.collect()
-    assert alive() is None
+    assert alive() is None  # Nor does the dispatcher (a process one sends its class by value).
 
 
 def test_map_rejects_bad_arguments(dispatcher: papyros.TaskDispatcher) -> None:

@@ -28,6 +28,7 @@ import papyros
 from papyros.dispatchers._pipes import ReadyWaiter, recv_framed, send_framed
 from papyros.dispatchers.process import MultiProcessTaskDispatcher
 from tests.tasks import (
+    Unprintable,
     announce_then_sleep,
     call,
     exit_worker,
@@ -498,14 +499,33 @@ def test_close_with_running_tasks_returns_quickly_and_leaves_no_child(
 def test_a_task_over_its_time_limit_is_killed_and_times_out(make: Factory) -> None:
     dispatcher = make(2)
     start = time.monotonic()
-    tasks = [limited_sleep(60, "never"), *(limited_sleep(0.01, i) for i in range(10))]
+    tasks = [limited_sleep(60, "never" * 100_000), *(limited_sleep(0.01, i) for i in range(10))]
     results = dispatcher.execute(tasks, ordered=True)
     with pytest.raises(papyros.TimeoutError, match="time limit of 1 s") as info:
         next(results)
     assert isinstance(info.value, TimeoutError)
+    assert "tests.tasks.limited_sleep(60, 'nevernever" in str(info.value)
+    assert len(str(info.value)) < 400  # The task is named in brief, whatever its arguments.
     assert list(results) == list(range(10))
     assert time.monotonic() - start < 20
     wait_for_workers(2)  # The killed worker is replaced.
+
+
+def test_a_timed_task_that_finished_stops_its_clock(make: Factory, tmp_path: Path) -> None:
+    dispatcher = make(1)
+    # Short units first: the worker is then sent two units at a time.
+    assert sum(dispatcher.map(square, range(20))) == sum(i * i for i in range(20))
+    started = tmp_path / "started"
+    tasks = [limited_sleep(0, "quick"), announce_then_sleep(str(started), 1.5, "long")]
+    # The untimed task, held with the timed one, runs past the timed one's limit (1 s).
+    assert list(dispatcher.execute(tasks, ordered=True, timeout=30)) == ["quick", "long"]
+    assert len(lines(started)) == 1  # It was not killed, nor run again.
+
+
+def test_a_timed_task_s_arguments_need_not_print(make: Factory) -> None:
+    dispatcher = make(1)
+    tasks = [limited_sleep(0, Unprintable()), limited_sleep(0, 1)]
+    assert list(dispatcher.execute(tasks, ordered=True, chunksize=2)) == [Unprintable(), 1]
 
 
 # ------------------------------------------------------------ pipes

@@ -192,11 +192,21 @@ def test_closing_a_queue_cancels_its_pending_units_and_drops_late_results() -> N
         core.submit(queue, [("d", 1)])
 
 
-def test_close_queue_soon_takes_effect_at_the_next_call() -> None:
+def test_close_queue_soon_takes_effect_at_once_or_at_the_next_call() -> None:
     core = Scheduler()
     queue = core.open_queue()
     core.submit(queue, [("a", 1)])
+    [assignment] = core.assign("w", max_units=1, deadline=NOW)
+    core.complete("w", assignment.unit_id, assignment.attempt, b"a big result")
     core.close_queue_soon(queue)
+    # The lock was free: the queue and its finished result are gone before any other call.
+    assert core._queues == {}
+    # A finalizer may run while its own thread holds the lock: then it waits for a call.
+    other = core.open_queue()
+    core.submit(other, [("b", 1)])
+    with core._lock:
+        core.close_queue_soon(other)
+        assert other in core._queues
     assert core.num_tasks() == 0
     assert core.num_queues() == 0
 

@@ -11,6 +11,7 @@ handed back. The dispatcher side, which feeds those pipes and reads them, is
 
 from __future__ import annotations
 
+import reprlib
 import signal
 import time
 from multiprocessing.connection import Connection
@@ -33,6 +34,23 @@ _FLUSH_SECONDS = 0.002
 # the rest back for idle workers, if that is more than as much again.
 _HAND_BACK_AFTER = 0.02
 _KEEP_SECONDS = 0.005
+
+
+# Task descriptions in TimeoutErrors stay short, whatever the arguments.
+_brief = reprlib.Repr()
+_brief.maxstring = _brief.maxother = 60
+
+
+def _describe(task: Task) -> str:
+    """``task`` in a few words, for its TimeoutError: never long, and never failing."""
+    cls = type(task)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        parts = [_brief.repr(arg) for arg in task.args]
+        parts.extend(f"{key}={_brief.repr(value)}" for key, value in task.kwargs.items())
+    except Exception:  # A task class with state of its own, and no args, say.
+        return name
+    return f"{name}({', '.join(parts)})"
 
 
 class _Timed(Task):
@@ -115,16 +133,18 @@ class _PipeWorkSource(WorkSource):
         self._outcomes.append(outcome)
         left = len(self._batch) - self._index
         elapsed = now - self._batch_started
+        returned: list[int] = []
         if left > 2 and elapsed > _HAND_BACK_AFTER:
             keep = max(1, int(_KEEP_SECONDS * self._index / elapsed))
             if left > 2 * keep:
                 start = self._index + keep
                 returned = [each.unit_id for each in self._batch[start:]]
                 del self._batch[start:]  # work() iterates over this very list: it ends early.
-                self._send(None, returned)
-                return
-        if now - self._last_flush >= _FLUSH_SECONDS:
-            self._send(None)
+        # The parent times a unit with a time limit until its outcome arrives: that one
+        # goes at once, or the next unit would run on its clock.
+        if returned or self._timer_on or now - self._last_flush >= _FLUSH_SECONDS:
+            self._timer_on = False
+            self._send(None, returned)
 
     def current_ntasks(self) -> int:
         return self._batch[self._index].ntasks
@@ -136,7 +156,7 @@ class _PipeWorkSource(WorkSource):
             return
         self._timer_on = limit is not None
         current = self._batch[self._index]
-        what = repr(task) if limit is not None else ""
+        what = _describe(task) if limit is not None else ""
         self._send((current.unit_id, current.attempt, current.ntasks, limit, what))
 
     def _send(
