@@ -111,6 +111,30 @@ def test_a_restarted_dispatcher_is_rejoined_and_old_clients_get_an_error(
         wait_until(lambda: len(worker_pids(new)) == 2, what="both workers back")
 
 
+def test_a_client_goes_on_with_a_dispatcher_restarted_at_the_same_address(
+    pyro_cluster: Cluster,
+) -> None:
+    port = str(_free_port())
+    first, _ = pyro_cluster.start_dispatcher("lazarus", "--port", port)
+    pyro_cluster.start_workers("lazarus", 1)
+    with client(pyro_cluster, "lazarus") as old:
+        queue = old.make_queue()
+        stop(first)
+        pyro_cluster.start_dispatcher("lazarus", "--port", port)
+        failures = 0
+        while True:  # The first call may find its connection gone: a papyros error.
+            try:
+                new_queue = old.make_queue()
+                break
+            except papyros.CommunicationError:
+                failures += 1
+                assert failures == 1
+        new_queue.push(square(4))
+        assert new_queue.pop(timeout=30) == 16
+        with pytest.raises(papyros.ClosedTaskQueueError):
+            queue.push(square(1))  # Lost with the first run of the dispatcher.
+
+
 def test_kill_9_of_a_worker_mid_task_loses_no_result(pyro_cluster: Cluster, tmp_path: Path) -> None:
     pyro_cluster.start_dispatcher("fragile")
     pyro_cluster.start_workers("fragile", 2)
@@ -289,7 +313,7 @@ def test_an_unauthenticated_peer_cannot_call_anything(
     hostile = pickle.dumps(Boom(str(sentinel)))
     calls = {
         "authenticate": (hostile, "client", "x"),
-        "open_queue": (hostile, 0),
+        "open_queue": (hostile,),
         "close_queues": (hostile, [1]),
         "submit": (hostile, 1, [[hostile, 1]], 0.0),
         "fetch": (hostile, 1, 0.0),
@@ -453,6 +477,23 @@ def test_a_task_or_result_over_the_message_cap_is_that_task_s_error(
         alone = "the result of this task pickles to 6,291"
         assert outcomes == [1, alone, "with the rest", half, 4]
         assert worker_pids(dispatcher) == workers  # No worker was lost over it.
+
+
+def test_results_that_fit_alone_but_not_together_travel_in_separate_messages(
+    pyro_cluster: Cluster,
+) -> None:
+    pyro_cluster.start_dispatcher("roomy", "--max-message-size", str(5 * 1024 * 1024))
+    pyro_cluster.start_workers("roomy", 1)
+    size = 3 * 1024 * 1024  # Two of them are more than a message may carry.
+    with client(pyro_cluster, "roomy") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 1, what="a worker")
+        [before] = dispatcher.get_stats()["workers"]  # type: ignore[attr-defined]
+        results = dispatcher.execute([call(bytes, size), call(bytes, size)], timeout=60)
+        assert [len(result) for result in results] == [size, size]
+        [after] = dispatcher.get_stats()["workers"]  # type: ignore[attr-defined]
+        # Its worker kept its connection (it did not have to join again, as a new worker).
+        assert after["id"] == before["id"]
+        assert after["tasks_done"] == 2
 
 
 def test_bad_worker_counts_fail_in_one_line() -> None:

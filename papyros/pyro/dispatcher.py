@@ -264,9 +264,10 @@ class PyroDispatcherProxy(TaskDispatcher):
         return int(self._call("num_tasks"))
 
     def _open_link(self, size: int) -> QueueLink:
-        incarnation = self._peer().incarnation
-        queue_id = int(self._call("open_queue", incarnation, size))
-        link = RemoteQueueLink(self, incarnation, queue_id)
+        # The dispatcher says which run of it the queue belongs to: a connection made
+        # again after a restart knows it only once the call has made it.
+        incarnation, queue_id = self._call("open_queue", size)
+        link = RemoteQueueLink(self, str(incarnation), int(queue_id))
         with self._lock:
             self._links.add(link)
         return link

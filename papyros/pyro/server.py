@@ -138,13 +138,13 @@ class DispatcherService:
 
     # -- clients
 
-    def open_queue(self, incarnation: str, size: int) -> int:
+    def open_queue(self, size: int) -> list[Any]:
+        """Open a queue; its id, with the incarnation that it belongs to."""
         peer = _peer("client")
-        self._check_incarnation(incarnation)
         queue_id = self._call(self._scheduler.open_queue, size)
         with self._lock:
             self._sessions.setdefault(peer["session"], set()).add(queue_id)
-        return queue_id  # type: ignore[no-any-return]
+        return [self.incarnation, queue_id]
 
     def close_queues(self, incarnation: str, queue_ids: list[int]) -> None:
         peer = _peer("client")

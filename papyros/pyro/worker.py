@@ -142,8 +142,13 @@ class _RemoteSource(WorkSource):
         return []
 
     def finish(self, assignment: Assignment, outcome: Any) -> None:
+        size = payload_size(outcome)
+        if self._results and self._results_bytes + size > min(CALL_BYTES, self.largest_payload):
+            # Together they would not fit in one message: what is done so far goes first.
+            self._exchange(0, 0.0)
+            self._flushed_at = time.monotonic()
         self._results.append([assignment.unit_id, assignment.attempt, outcome, assignment.ntasks])
-        self._results_bytes += payload_size(outcome)
+        self._results_bytes += size
         self._batch_left -= 1
         if not self._batch_left:
             return  # take() hands them back with its request, in the same call.
