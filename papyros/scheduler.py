@@ -539,6 +539,17 @@ class Scheduler:
                     self._offer(queue)
             return [unit.id for unit in units]
 
+    def abandoned(self, worker: Hashable) -> list[int]:
+        """The ids of the units in flight on ``worker`` whose queue closed since it took
+        them: it need not start them (it gives them back, see :meth:`give_back`)."""
+        with self._lock:
+            self._reap_orphans()
+            return [
+                unit_id
+                for unit_id in self._held.get(worker, ())
+                if self._inflight[unit_id].queue.closed
+            ]
+
     def held_by(self, worker: Hashable) -> list[int]:
         """The ids of the units in flight on ``worker``."""
         with self._lock:

@@ -6,6 +6,7 @@ The contract itself is checked by the behaviour suite, on every backend.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import multiprocessing
 import os
@@ -133,6 +134,88 @@ def test_a_client_goes_on_with_a_dispatcher_restarted_at_the_same_address(
         assert new_queue.pop(timeout=30) == 16
         with pytest.raises(papyros.ClosedTaskQueueError):
             queue.push(square(1))  # Lost with the first run of the dispatcher.
+
+
+INTERRUPTED_CLIENT = """
+import os, signal, sys, threading, time
+import papyros
+from tests.tasks import sleep_then, square
+with papyros.get_dispatcher("pyro", group="hasty-client", ns_port=int(sys.argv[1])) as client:
+    other = client.make_queue()
+    other.push(square(7))
+    queue = client.make_queue()
+    queue.push(sleep_then(2.0, "late"))
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        queue.pop(timeout=30)
+    except KeyboardInterrupt:
+        print("interrupted")
+    # Past the end of the long-poll that the interrupt abandoned: its reply went nowhere.
+    time.sleep(7)
+    print(queue.pop(timeout=30), other.pop(timeout=30))
+"""
+
+
+def test_a_pop_interrupted_by_ctrl_c_loses_nothing(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("hasty-client")
+    pyro_cluster.start_workers("hasty-client", 2)
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_CLIENT, str(pyro_cluster.ns_port)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["interrupted", "late", "49"]
+
+
+def test_queues_outlive_the_thread_that_made_their_client(pyro_cluster: Cluster) -> None:
+    pyro_cluster.start_dispatcher("handover")
+    pyro_cluster.start_workers("handover", 1)
+    made: dict[str, object] = {}
+
+    def make() -> None:  # As a request handler might, in a thread that then ends.
+        dispatcher = client(pyro_cluster, "handover")
+        queue = dispatcher.make_queue()
+        queue.push(square(3))
+        made.update(dispatcher=dispatcher, queue=queue)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    gc.collect()  # The thread's connection goes with it.
+    dispatcher, queue = made["dispatcher"], made["queue"]
+    assert isinstance(dispatcher, papyros.TaskDispatcher)
+    assert isinstance(queue, papyros.TaskQueue)
+    with dispatcher:
+        assert queue.pop(timeout=30) == 9
+        queue.push(square(4))
+        assert queue.pop(timeout=30) == 16
+
+
+def test_closing_a_queue_cancels_the_units_a_worker_took_ahead(
+    pyro_cluster: Cluster, tmp_path: Path
+) -> None:
+    pyro_cluster.start_dispatcher("prefetch")
+    pyro_cluster.start_workers("prefetch", 1)
+    started = tmp_path / "started"
+    with client(pyro_cluster, "prefetch") as dispatcher:
+        wait_until(lambda: len(worker_pids(dispatcher)) == 1, what="a worker")
+        blocker = dispatcher.make_queue()
+        blocker.push(announce_then_sleep(str(tmp_path / "blocker"), 0.5))
+        wait_until(lambda: pids_in(tmp_path / "blocker"), what="the worker to be busy")
+        queue = dispatcher.make_queue()
+        for i in range(4):  # Then it takes two at a time: one runs, one waits.
+            queue.push(announce_then_sleep(str(started), 1.0, i))
+        wait_until(lambda: pids_in(started), what="the first task to start")
+        queue.close()
+        stats = dispatcher.get_stats  # type: ignore[attr-defined]
+        wait_until(lambda: stats()["inflight_units"] == 0, what="the worker to be done")
+        assert len(pids_in(started)) == 1  # The one it had taken ahead never started.
+        # And the worker goes on with other work.
+        assert list(dispatcher.execute([square(5)], timeout=30)) == [25]
 
 
 def test_kill_9_of_a_worker_mid_task_loses_no_result(pyro_cluster: Cluster, tmp_path: Path) -> None:
@@ -316,7 +399,7 @@ def test_an_unauthenticated_peer_cannot_call_anything(
         "open_queue": (hostile,),
         "close_queues": (hostile, [1]),
         "submit": (hostile, 1, [[hostile, 1]], 0.0),
-        "fetch": (hostile, 1, 0.0),
+        "fetch": (hostile, 1, 0.0, 0),
         "num_queues": (),
         "num_tasks": (),
         "get_stats": (),

@@ -249,7 +249,13 @@ class PyroDispatcherProxy(TaskDispatcher):
         self._links: weakref.WeakSet[RemoteQueueLink] = weakref.WeakSet()
         # Queues closed by finalizers, to close remotely at the next call.
         self._doomed: deque[tuple[str, int]] = deque()
-        self.incarnation = self._peer().incarnation  # Connect now: fail fast.
+        # The dispatcher closes a client's queues when its last connection drops: this
+        # one, made now (to fail fast), and used for nothing else, lasts as long as the
+        # client, whatever becomes of the connections of its threads (one that ends
+        # takes its own, and a call that Ctrl-C interrupts drops its own).
+        self._anchor = Peer(uri, secret, "client", self._session)
+        self._anchor.connect()
+        self.incarnation = self._anchor.incarnation
 
     def get_stats(self) -> dict[str, Any]:
         """The dispatcher's workers, queues, pending and in-flight counts, throughput."""
@@ -286,6 +292,7 @@ class PyroDispatcherProxy(TaskDispatcher):
             # Other threads waiting in a call get a CommunicationError, which _call
             # turns into ClosedTaskDispatcherError.
             peer.shutdown()
+        self._anchor.shutdown()
 
     # -- calls
 
@@ -336,6 +343,11 @@ class RemoteQueueLink(QueueLink):
         self._queue_id = queue_id
         self._codec = dispatcher._codec
         self._closed = False
+        # How many finished units have arrived from the queue, in all: each fetch says
+        # so, and the dispatcher sends again what an interrupted fetch did not deliver.
+        self._received = 0
+        # One fetch of the queue at a time, for that count to mean what it says.
+        self._fetching = threading.Lock()
 
     def encode(self, unit: Unit) -> Encoded:
         payload = self._codec.encode_unit(unit)
@@ -382,20 +394,25 @@ class RemoteQueueLink(QueueLink):
                     raise TimeoutError(str(exc)) from None
 
     def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
-        while True:
-            wait = _wait_for(deadline)
-            try:
-                entries = self._dispatcher._call(
-                    "fetch", self._incarnation, self._queue_id, wait, wait=wait
-                )
-            except LookupError as exc:
-                raise ClosedTaskQueueError(str(exc)) from exc
-            except ClosedTaskDispatcherError:
-                raise
-            if entries:
-                return [self._decode(entry) for entry in entries]
-            if deadline is not None and time.monotonic() >= deadline:
-                return []
+        # Another thread fetching from this queue takes what comes meanwhile.
+        if not self._fetching.acquire(timeout=-1 if deadline is None else _wait_for(deadline)):
+            return []
+        try:
+            while True:
+                wait = _wait_for(deadline)
+                try:
+                    entries = self._dispatcher._call(
+                        "fetch", self._incarnation, self._queue_id, wait, self._received, wait=wait
+                    )
+                except LookupError as exc:
+                    raise ClosedTaskQueueError(str(exc)) from exc
+                self._received += len(entries)
+                if entries:
+                    return [self._decode(entry) for entry in entries]
+                if deadline is not None and time.monotonic() >= deadline:
+                    return []
+        finally:
+            self._fetching.release()
 
     def _decode(self, entry: list[Any]) -> tuple[int, Results]:
         unit_id, ntasks, outcome, error = entry

@@ -25,7 +25,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import Pyro5.api
@@ -49,7 +50,7 @@ from papyros.pyro._common import (
     log,
     use_fast_connection,
 )
-from papyros.scheduler import Scheduler
+from papyros.scheduler import Scheduler, payload_size
 
 __all__ = ["DispatcherDaemon", "DispatcherService"]
 
@@ -75,6 +76,36 @@ class _WorkerRecord:
         self.last_seen = self.registered
         self.units_done = 0
         self.tasks_done = 0
+
+
+class _Sent:
+    """A queue's finished units sent to its client and not known to have arrived yet."""
+
+    __slots__ = ("entries", "received")
+
+    def __init__(self) -> None:
+        self.entries: deque[list[Any]] = deque()
+        # How many of the queue's finished units the client said it had, in all: the
+        # place of the first of ``entries`` in everything ever sent from this queue.
+        self.received = 0
+
+    def acknowledge(self, received: int) -> None:
+        """The client has received ``received`` of the queue's finished units in all."""
+        arrived = max(0, min(received - self.received, len(self.entries)))
+        for _ in range(arrived):
+            self.entries.popleft()
+        self.received += arrived
+
+    def reply(self) -> list[list[Any]]:
+        """The oldest units not acknowledged: at least one, and about CALL_BYTES at most."""
+        taken: list[list[Any]] = []
+        size = 0
+        for entry in self.entries:
+            size += payload_size(entry[2])
+            if taken and size > CALL_BYTES:
+                break
+            taken.append(entry)
+        return taken
 
 
 def _peer(kind: str | None = None) -> dict[str, Any]:
@@ -111,6 +142,8 @@ class DispatcherService:
         # Open queues of each client session, closed when its last connection drops.
         self._sessions: dict[str, set[int]] = {}
         self._session_connections: dict[str, int] = {}
+        # Of each queue, the finished units sent to its client and not acknowledged yet.
+        self._unacknowledged: dict[int, _Sent] = {}
         self._started = time.monotonic()
         self._tasks_done = 0
 
@@ -154,8 +187,7 @@ class DispatcherService:
             owned = self._sessions.get(peer["session"], set())
             mine = [queue_id for queue_id in queue_ids if queue_id in owned]
             owned.difference_update(mine)
-        for queue_id in mine:
-            self._scheduler.close_queue(queue_id)
+        self._close(mine)
 
     def submit(self, incarnation: str, queue_id: int, units: list[Any], wait: float) -> list[int]:
         self._check_owner(_peer("client"), incarnation, queue_id)
@@ -168,8 +200,24 @@ class DispatcherService:
         deadline = time.monotonic() + max(0.0, min(float(wait), LONG_POLL))
         return self._call(self._scheduler.submit, queue_id, checked, deadline)  # type: ignore[no-any-return]
 
-    def fetch(self, incarnation: str, queue_id: int, wait: float) -> list[Any]:
-        self._check_owner(_peer("client"), incarnation, queue_id)
+    def fetch(self, incarnation: str, queue_id: int, wait: float, received: int) -> list[Any]:
+        """Finished units of a queue, waiting up to ``wait`` seconds for one.
+
+        ``received`` is how many finished units the client has received from this
+        queue so far. Sent units stay here until a later call says they arrived: a
+        reply that never reached its client (its call was interrupted, or its
+        connection lost) is sent again by the next call, at once, so that no outcome
+        is lost, and none arrives twice.
+        """
+        peer = _peer("client")
+        self._check_incarnation(incarnation)
+        with self._lock:
+            if queue_id not in self._sessions.get(peer["session"], ()):
+                raise LookupError("the task queue is closed")
+            sent = self._unacknowledged.setdefault(queue_id, _Sent())
+            sent.acknowledge(int(received))
+            if sent.entries:  # Sent, and lost on the way: again, before anything new.
+                return sent.reply()
         deadline = time.monotonic() + max(0.0, min(float(wait), LONG_POLL))
         entries = self._call(self._scheduler.fetch, queue_id, deadline, max_bytes=CALL_BYTES)
         fetched = []
@@ -179,7 +227,15 @@ class DispatcherService:
                 lost = entry.error
                 error = [str(lost), str(lost.worker), lost.exitcode, lost.attempts]
             fetched.append([entry.unit_id, entry.ntasks, entry.outcome, error])
-        return fetched
+        with self._lock:
+            # Another call on the queue may have gone on meanwhile: the client's count
+            # covers only what it had received, so this one sends from the oldest
+            # unacknowledged unit, those of an interrupted call included.
+            still = self._unacknowledged.get(queue_id)
+            if still is None:  # The queue was closed meanwhile.
+                raise LookupError("the task queue is closed")
+            still.entries.extend(fetched)
+            return still.reply()
 
     def num_queues(self) -> int:
         _peer()
@@ -240,7 +296,12 @@ class DispatcherService:
         returned: list[int] | None = None,
     ) -> list[Any]:
         """Hand back finished units (and ``returned``, units not started), then wait up
-        to ``wait`` seconds for the next ones."""
+        to ``wait`` seconds for the next ones.
+
+        Returns:
+            The next units, and the ids of units the worker holds that it need
+            not start: their queue was closed since it took them.
+        """
         _peer("worker")
         record = self._touch(worker_id)
         scheduler = self._scheduler
@@ -252,8 +313,9 @@ class DispatcherService:
                 record.tasks_done += ntasks
                 with self._lock:
                     self._tasks_done += ntasks
+        cancelled = scheduler.abandoned(worker_id)
         if want <= 0:
-            return []
+            return [[], cancelled]
         deadline = time.monotonic() + max(0.0, min(float(wait), LONG_POLL))
         try:
             assignments = scheduler.assign(
@@ -272,7 +334,7 @@ class DispatcherService:
             # just handed would be lost with the reply it is refused. Back it goes.
             scheduler.worker_lost(worker_id, blame_running=False)
             raise
-        return [[a.unit_id, a.attempt, a.payload, a.ntasks] for a in assignments]
+        return [[[a.unit_id, a.attempt, a.payload, a.ntasks] for a in assignments], cancelled]
 
     def heartbeat(self, worker_id: str) -> None:
         _peer("worker")
@@ -321,12 +383,17 @@ class DispatcherService:
                     return
                 self._session_connections.pop(session, None)
                 orphans = self._sessions.pop(session, set())
-            for queue_id in orphans:
-                self._scheduler.close_queue(queue_id)
+            self._close(orphans)
             if orphans:
                 log.info("closed %d queues of a client that went away", len(orphans))
 
     # -- internals
+
+    def _close(self, queue_ids: Iterable[int]) -> None:
+        for queue_id in queue_ids:
+            with self._lock:
+                self._unacknowledged.pop(queue_id, None)
+            self._scheduler.close_queue(queue_id)
 
     def _touch(self, worker_id: str) -> _WorkerRecord:
         with self._lock:

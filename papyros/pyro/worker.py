@@ -120,6 +120,10 @@ class _RemoteSource(WorkSource):
         self._batch_left = 0
         # A running estimate of one unit's time; it starts pessimistic (one unit ahead).
         self._unit_seconds = _PREFETCH_SECONDS
+        # Units held whose queue was closed (the dispatcher says so in its replies), and
+        # those skipped for it, to give back with the next request.
+        self._cancelled: set[int] = set()
+        self._skipped: list[int] = []
 
     def take(self) -> list[Assignment]:
         now = time.monotonic()
@@ -128,6 +132,7 @@ class _RemoteSource(WorkSource):
             per_unit = (now - self._batch_started) / self._batch_size
             self._unit_seconds = (self._unit_seconds + per_unit) / 2
         want = max(2, min(_MAX_WANT, int(_PREFETCH_SECONDS / max(self._unit_seconds, 1e-6))))
+        self._cancelled.clear()  # Only ever about units of the batch that ended.
         while not self._stop.is_set():
             reply = self._exchange(want, LONG_POLL)
             if reply:
@@ -140,6 +145,14 @@ class _RemoteSource(WorkSource):
                 return self._batch
         self._exchange(0, 0.0)  # Hand back what is finished before stopping.
         return []
+
+    def start(self, assignment: Assignment) -> bool:
+        if assignment.unit_id not in self._cancelled:
+            return True
+        # Its queue was closed: skipped, as if done, and given back with the next request.
+        self._skipped.append(assignment.unit_id)
+        self._batch_left -= 1
+        return False
 
     def finish(self, assignment: Assignment, outcome: Any) -> None:
         size = payload_size(outcome)
@@ -184,13 +197,18 @@ class _RemoteSource(WorkSource):
         return self._batch[self._batch_size - self._batch_left].ntasks
 
     def _exchange(self, want: int, wait: float, returned: list[int] | None = None) -> list[Any]:
+        """Hand back outcomes (and units not started); the next units, if ``want``."""
         results, self._results = self._results, []
         self._results_bytes = 0
+        if self._skipped:
+            returned = [*self._skipped, *(returned or [])]
+            self._skipped = []
         args: tuple[Any, ...] = (
             (results, want, wait, returned) if returned else (results, want, wait)
         )
-        reply: list[Any] = self._peer.call("exchange", self._worker_id, *args, wait=wait)
-        return reply
+        units, cancelled = self._peer.call("exchange", self._worker_id, *args, wait=wait)
+        self._cancelled.update(cancelled)
+        return units  # type: ignore[no-any-return]
 
 
 class _RemoteCodec(PickleCodec):
