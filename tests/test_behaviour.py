@@ -775,6 +775,9 @@ def test_closed_dispatcher_refuses_use(make_dispatcher: DispatcherFactory) -> No
         queue.push(square(1))
     with pytest.raises(papyros.ClosedTaskDispatcherError):
         queue.pop(timeout=1)
+    for count in (dispatcher.num_queues, dispatcher.num_tasks):
+        with pytest.raises(papyros.ClosedTaskDispatcherError):
+            count()
 
 
 def test_close_wakes_a_blocked_consumer(make_concurrent_dispatcher: DispatcherFactory) -> None:

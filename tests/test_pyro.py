@@ -606,6 +606,19 @@ def test_tls_is_off_again_when_the_next_connection_has_no_tls_files(tmp_path: Pa
     assert not pyro_config.SSL
 
 
+def test_a_dispatcher_that_does_not_answer_in_time_is_said_so() -> None:
+    import Pyro5.errors
+
+    from papyros.pyro._common import Peer
+
+    peer = Peer("PYRO:papyros.dispatcher@127.0.0.1:9", b"s" * 32, "client")
+    with pytest.raises(papyros.CommunicationError, match="did not answer in time"):
+        peer._translate(Pyro5.errors.TimeoutError("receiving: timeout"))
+    with pytest.raises(TimeoutError, match="still full") as info:
+        peer._translate(TimeoutError("still full"))  # The dispatcher's own: left as it is.
+    assert not isinstance(info.value, papyros.PapyrosError)
+
+
 def test_a_port_in_use_fails_in_one_line(pyro_cluster: Cluster) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -110,9 +110,11 @@ class CoreDispatcher(TaskDispatcher):
         self._codec = codec
 
     def num_queues(self) -> int:
+        self._check_open()
         return self._scheduler.num_queues()
 
     def num_tasks(self) -> int:
+        self._check_open()
         return self._scheduler.num_tasks()
 
     def _open_link(self, size: int) -> QueueLink:

@@ -430,12 +430,12 @@ class Peer:
     def _translate(self, exc: Exception) -> Any:
         try:
             raise exc
+        except Pyro5.errors.TimeoutError as exc:  # Not a builtins.TimeoutError.
+            self.close()
+            raise CommunicationError(
+                f"the dispatcher at {self.uri} did not answer in time: {exc}"
+            ) from exc
         except builtins.TimeoutError:
-            if isinstance(exc, Pyro5.errors.CommunicationError):
-                self.close()
-                raise CommunicationError(
-                    f"the dispatcher at {self.uri} did not answer in time: {exc}"
-                ) from exc
             raise  # The dispatcher's own "still full": the caller decides.
         except Pyro5.errors.CommunicationError as exc:
             self.close()
