@@ -430,11 +430,11 @@ class Peer:
     def _translate(self, exc: Exception) -> Any:
         try:
             raise exc
-        except Pyro5.errors.TimeoutError as exc:  # Not a builtins.TimeoutError.
+        except Pyro5.errors.TimeoutError as timeout:  # Not a builtins.TimeoutError.
             self.close()
             raise CommunicationError(
-                f"the dispatcher at {self.uri} did not answer in time: {exc}"
-            ) from exc
+                f"the dispatcher at {self.uri} did not answer in time: {timeout}"
+            ) from timeout
         except builtins.TimeoutError:
             raise  # The dispatcher's own "still full": the caller decides.
         except Pyro5.errors.CommunicationError as exc:

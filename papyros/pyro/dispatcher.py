@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from papyros._auth import load_secret
-from papyros._deadline import check_duration
+from papyros._deadline import LONGEST_WAIT, check_duration
 from papyros.config import Config
 from papyros.dispatcher import QueueLink, TaskDispatcher
 from papyros.dispatchers._local import CoreDispatcher
@@ -394,9 +394,10 @@ class RemoteQueueLink(QueueLink):
                     raise TimeoutError(str(exc)) from None
 
     def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
-        # Another thread fetching from this queue takes what comes meanwhile.
-        if not self._fetching.acquire(timeout=-1 if deadline is None else _wait_for(deadline)):
-            return []
+        # While another thread fetches from this queue, it takes what comes meanwhile.
+        while not self._fetching.acquire(timeout=_lock_wait(deadline)):
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
         try:
             while True:
                 wait = _wait_for(deadline)
@@ -451,6 +452,13 @@ def _calls(units: list[Encoded]) -> Iterator[list[list[Any]]]:
         size += unit_bytes
     if batch:
         yield batch
+
+
+def _lock_wait(deadline: float | None) -> float:
+    """How long to wait for a lock, given the caller's deadline (waits are cut into days)."""
+    if deadline is None:
+        return LONGEST_WAIT
+    return max(0.0, min(LONGEST_WAIT, deadline - time.monotonic()))
 
 
 def _wait_for(deadline: float | None) -> float:
