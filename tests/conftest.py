@@ -66,7 +66,14 @@ def _start_pyro_group(request: pytest.FixtureRequest, **settings: object) -> pap
     assert not {k: v for k, v in settings.items() if v}, f"unsupported for pyro: {settings}"
     cluster.start_dispatcher(group, *extra)
     cluster.start_workers(group, workers)
-    return papyros.get_dispatcher("pyro", group=group, ns_port=cluster.ns_port)
+    dispatcher = papyros.get_dispatcher("pyro", group=group, ns_port=cluster.ns_port)
+    # Ready when its workers have joined, as a local pool is once made: a test that
+    # counts what waits for a worker must not see a late one take some.
+    deadline = time.monotonic() + 30
+    while len(dispatcher.get_stats()["workers"]) < workers:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"the {workers} workers of {group} did not join"
+        time.sleep(0.02)
+    return dispatcher
 
 
 _groups = itertools.count()

@@ -650,9 +650,9 @@ def test_a_full_dispatcher_blocks_the_pusher(
                 break
             pushed += 1
         assert 2 <= pushed < 100, "pushes into a dispatcher of size 2 never blocked"
-        # Never more than the bound: two, or fewer if a worker slow to start (a remote
-        # one takes two units at a time) has joined since.
-        assert dispatcher.num_tasks() <= 2
+        # Two, unless a process worker slow to start took one since (a remote one has
+        # joined before the test begins).
+        assert 1 <= dispatcher.num_tasks() <= 2
 
 
 def test_a_slow_consumer_does_not_stall_other_clients_of_a_bounded_dispatcher(
