@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
-import threading
 from typing import Any
 
+from papyros._deadline import check_duration
 from papyros.config import load_config
 
 
@@ -40,27 +39,17 @@ def port(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def seconds(text: str) -> float:
+    """A duration, as :func:`~papyros._deadline.check_duration` takes it: positive,
+    finite, and no longer than a thread may wait."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    # float() also reads "nan" and "inf": neither is a number of anything here.
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
-    return value
-
-
-def seconds(text: str) -> float:
-    """A duration: positive, and no longer than a thread may wait (else OverflowError)."""
-    value = positive_float(text)
-    if value > threading.TIMEOUT_MAX:
-        raise argparse.ArgumentTypeError(
-            f"must be at most {threading.TIMEOUT_MAX:.0f} seconds, not {value:g}"
-        )
-    return value
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    try:
+        return check_duration(value, "a duration")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_group_options(parser: Any) -> None:
