@@ -395,7 +395,7 @@ class RemoteQueueLink(QueueLink):
 
     def receive(self, deadline: float | None) -> list[tuple[int, Results]]:
         # While another thread fetches from this queue, it takes what comes meanwhile.
-        while not self._fetching.acquire(timeout=_lock_wait(deadline)):
+        while not self._fetching.acquire(timeout=_wait_for(deadline, LONGEST_WAIT)):
             if deadline is not None and time.monotonic() >= deadline:
                 return []
         try:
@@ -454,15 +454,9 @@ def _calls(units: list[Encoded]) -> Iterator[list[list[Any]]]:
         yield batch
 
 
-def _lock_wait(deadline: float | None) -> float:
-    """How long to wait for a lock, given the caller's deadline (waits are cut into days)."""
+def _wait_for(deadline: float | None, longest: float = LONG_POLL) -> float:
+    """How long the next wait may last, given the caller's deadline: a long-poll, or
+    ``longest`` (a lock is waited for in waits of up to a day)."""
     if deadline is None:
-        return LONGEST_WAIT
-    return max(0.0, min(LONGEST_WAIT, deadline - time.monotonic()))
-
-
-def _wait_for(deadline: float | None) -> float:
-    """How long the next long-poll may wait, given the caller's deadline."""
-    if deadline is None:
-        return LONG_POLL
-    return max(0.0, min(LONG_POLL, deadline - time.monotonic()))
+        return longest
+    return max(0.0, min(longest, deadline - time.monotonic()))

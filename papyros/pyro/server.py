@@ -177,6 +177,7 @@ class DispatcherService:
         queue_id = self._call(self._scheduler.open_queue, size)
         with self._lock:
             self._sessions.setdefault(peer["session"], set()).add(queue_id)
+            self._unacknowledged[queue_id] = _Sent()
         return [self.incarnation, queue_id]
 
     def close_queues(self, incarnation: str, queue_ids: list[int]) -> None:
@@ -209,12 +210,9 @@ class DispatcherService:
         connection lost) is sent again by the next call, at once, so that no outcome
         is lost, and none arrives twice.
         """
-        peer = _peer("client")
-        self._check_incarnation(incarnation)
+        self._check_owner(_peer("client"), incarnation, queue_id)
         with self._lock:
-            if queue_id not in self._sessions.get(peer["session"], ()):
-                raise LookupError("the task queue is closed")
-            sent = self._unacknowledged.setdefault(queue_id, _Sent())
+            sent = self._sent(queue_id)
             sent.acknowledge(int(received))
             if sent.entries:  # Sent, and lost on the way: again, before anything new.
                 return sent.reply()
@@ -231,11 +229,9 @@ class DispatcherService:
             # Another call on the queue may have gone on meanwhile: the client's count
             # covers only what it had received, so this one sends from the oldest
             # unacknowledged unit, those of an interrupted call included.
-            still = self._unacknowledged.get(queue_id)
-            if still is None:  # The queue was closed meanwhile.
-                raise LookupError("the task queue is closed")
-            still.entries.extend(fetched)
-            return still.reply()
+            sent = self._sent(queue_id)
+            sent.entries.extend(fetched)
+            return sent.reply()
 
     def num_queues(self) -> int:
         _peer()
@@ -388,6 +384,13 @@ class DispatcherService:
                 log.info("closed %d queues of a client that went away", len(orphans))
 
     # -- internals
+
+    def _sent(self, queue_id: int) -> _Sent:
+        """What was sent from an open queue and not acknowledged (call with the lock held)."""
+        sent = self._unacknowledged.get(queue_id)
+        if sent is None:  # Closed since the caller checked.
+            raise LookupError("the task queue is closed")
+        return sent
 
     def _close(self, queue_ids: Iterable[int]) -> None:
         for queue_id in queue_ids:
