@@ -159,14 +159,7 @@ with papyros.get_dispatcher("pyro", group="hasty-client", ns_port=int(sys.argv[1
 def test_a_pop_interrupted_by_ctrl_c_loses_nothing(pyro_cluster: Cluster) -> None:
     pyro_cluster.start_dispatcher("hasty-client")
     pyro_cluster.start_workers("hasty-client", 2)
-    done = subprocess.run(
-        [sys.executable, "-c", INTERRUPTED_CLIENT, str(pyro_cluster.ns_port)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=environment(),
-        timeout=120,
-    )
+    done = _run_client(INTERRUPTED_CLIENT, str(pyro_cluster.ns_port))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["interrupted", "late", "49"]
 
@@ -484,6 +477,21 @@ def _run(
         timeout=timeout,
         cwd=cwd,
         env={**environment(), **variables},
+    )
+
+
+def _run_client(
+    script: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a client script in a process of its own, from the repository (where the
+    workers find ``tests.tasks`` too), with the test deployments' secret by default."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=environment() if env is None else env,
+        timeout=120,
     )
 
 
@@ -938,21 +946,11 @@ def test_tls_by_the_documented_recipe(tmp_path: Path) -> None:
         group = ["--group", "tls", "--ns-port", port, "--lease", "1"]
         read_line(start("dispatcher", *group), "ready at", 30)
         read_line(start("workers", "-n", "1", *group, options=[]), "workers", 30)
-        by_code = subprocess.run(
-            [sys.executable, "-c", TLS_CLIENT, cert, key, port],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
-        by_configuration = subprocess.run(
-            [sys.executable, "-c", CONFIGURED_CLIENT, str(tmp_path / "runs")],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
+        by_code = _run_client(TLS_CLIENT, cert, key, port)
+        by_configuration = _run_client(
+            CONFIGURED_CLIENT,
+            str(tmp_path / "runs"),
             env={**configured, "PAPYROS_BACKEND": "pyro", "PAPYROS_NS_PORT": port},
-            timeout=120,
         )
         for done in (by_code, by_configuration):
             assert done.returncode == 0, done.stderr
