@@ -49,7 +49,7 @@ from papyros.errors import RemoteTaskError, SerializationError
 from papyros.task import ExceptionTypes, Outcome, Results, Task, TaskBatch, Unit
 from papyros.worker import Codec
 
-__all__ = ["Payload", "PickleCodec"]
+__all__ = ["Payload", "PickleCodec", "describe_task"]
 
 #: What the codec makes of a unit or of its outcomes: one buffer, or a tuple of pieces
 #: (see :func:`_dumps_in_pieces`) that travel back to back.
@@ -82,6 +82,18 @@ _KNOWN_CLASS_BYTES = 64 * 2**20
 _short = reprlib.Repr()
 _short.maxstring = 80
 _short.maxother = 80
+
+
+def describe_task(task: Task) -> str:
+    """``task`` in a few words, for an error message: never long, and never failing."""
+    cls = type(task)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        parts = [_short.repr(arg) for arg in task.args]
+        parts.extend(f"{key}={_short.repr(value)}" for key, value in task.kwargs.items())
+    except Exception:  # A task class with state of its own, and no args, say.
+        return name
+    return f"{name}({', '.join(parts)})"
 
 
 class _MainFound(Exception):

@@ -11,7 +11,6 @@ handed back. The dispatcher side, which feeds those pipes and reads them, is
 
 from __future__ import annotations
 
-import reprlib
 import signal
 import time
 from multiprocessing.connection import Connection
@@ -19,7 +18,7 @@ from typing import Any
 
 from papyros.dispatchers._pipes import recv_framed, send_framed
 from papyros.scheduler import Assignment
-from papyros.serialization import Payload, PickleCodec
+from papyros.serialization import Payload, PickleCodec, describe_task
 from papyros.task import ExceptionTypes, Outcome, Task, TaskBatch
 from papyros.worker import WorkSource, work
 
@@ -34,23 +33,6 @@ _FLUSH_SECONDS = 0.002
 # the rest back for idle workers, if that is more than as much again.
 _HAND_BACK_AFTER = 0.02
 _KEEP_SECONDS = 0.005
-
-
-# Task descriptions in TimeoutErrors stay short, whatever the arguments.
-_brief = reprlib.Repr()
-_brief.maxstring = _brief.maxother = 60
-
-
-def _describe(task: Task) -> str:
-    """``task`` in a few words, for its TimeoutError: never long, and never failing."""
-    cls = type(task)
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    try:
-        parts = [_brief.repr(arg) for arg in task.args]
-        parts.extend(f"{key}={_brief.repr(value)}" for key, value in task.kwargs.items())
-    except Exception:  # A task class with state of its own, and no args, say.
-        return name
-    return f"{name}({', '.join(parts)})"
 
 
 class _Timed(Task):
@@ -156,7 +138,7 @@ class _PipeWorkSource(WorkSource):
             return
         self._timer_on = limit is not None
         current = self._batch[self._index]
-        what = _describe(task) if limit is not None else ""
+        what = describe_task(task) if limit is not None else ""
         self._send((current.unit_id, current.attempt, current.ntasks, limit, what))
 
     def _send(
